@@ -1,0 +1,5 @@
+"""Allow ``python -m dhtnode``."""
+
+from dhtnode.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Keys and MACs: Ed25519 identity, write tokens."""

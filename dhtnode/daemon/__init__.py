@@ -1,0 +1,1 @@
+"""The long-running service: config, state dir, logging, control socket."""

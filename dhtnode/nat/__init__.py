@@ -1,0 +1,1 @@
+"""NAT concerns: STUN reflector and client, address observations, NAT classification."""

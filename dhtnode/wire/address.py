@@ -1,0 +1,127 @@
+"""UDP endpoint addresses: normalisation and the compact wire form shared by every codec.
+
+An :data:`Address` is ``(ip, port)`` with ``ip`` in canonical text form. IPv4-mapped IPv6
+addresses (``::ffff:a.b.c.d``), which a dual-stack socket reports for IPv4 peers, are always
+normalised to plain IPv4 so that the same peer never appears under two names.
+
+Compact form (used in DHT messages and records)::
+
+    u8 family (4 or 6) | 4 or 16 bytes address | u16 port (big-endian)
+
+This module owns address parsing and encoding only; it never resolves names or opens sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from dhtnode.errors import DecodeError
+
+Address = tuple[str, int]
+
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+#: Bytes one compact IPv4 address takes on the wire (family + 4 + port).
+COMPACT_V4_LEN = 7
+#: Bytes one compact IPv6 address takes on the wire (family + 16 + port).
+COMPACT_V6_LEN = 19
+
+
+class AddressError(DecodeError):
+    """A compact address on the wire is malformed."""
+
+
+def normalize(addr: tuple[object, ...]) -> Address:
+    """Turn a socket-level address (2- or 4-tuple) into a canonical :data:`Address`."""
+    host = str(addr[0])
+    port = int(addr[1])  # type: ignore[call-overload]
+    if "%" in host:  # scoped link-local: keep only the address part
+        host = host.split("%", 1)[0]
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (str(ip), port)
+
+
+def family_of(ip: str) -> int:
+    """4 or 6 for a canonical IP string."""
+    return FAMILY_V6 if ":" in ip else FAMILY_V4
+
+
+def encode(addr: Address) -> bytes:
+    """Compact wire form of ``addr``."""
+    ip = ipaddress.ip_address(addr[0])
+    if isinstance(ip, ipaddress.IPv4Address):
+        return bytes((FAMILY_V4,)) + ip.packed + struct.pack(">H", addr[1])
+    return bytes((FAMILY_V6,)) + ip.packed + struct.pack(">H", addr[1])
+
+
+def decode(data: bytes | memoryview, offset: int = 0) -> tuple[Address, int]:
+    """Parse one compact address at ``offset``; returns it and the offset after it."""
+    if offset >= len(data):
+        raise AddressError("truncated address: no family byte")
+    fam = data[offset]
+    if fam == FAMILY_V4:
+        end = offset + COMPACT_V4_LEN
+        if end > len(data):
+            raise AddressError("truncated IPv4 address")
+        ip = str(ipaddress.IPv4Address(bytes(data[offset + 1 : offset + 5])))
+    elif fam == FAMILY_V6:
+        end = offset + COMPACT_V6_LEN
+        if end > len(data):
+            raise AddressError("truncated IPv6 address")
+        ip6 = ipaddress.IPv6Address(bytes(data[offset + 1 : offset + 17]))
+        ip = str(ip6.ipv4_mapped) if ip6.ipv4_mapped is not None else str(ip6)
+    else:
+        raise AddressError(f"unknown address family {fam}")
+    port = (data[end - 2] << 8) | data[end - 1]
+    if port == 0:
+        raise AddressError("port 0 is not a usable UDP port")
+    return (ip, port), end
+
+
+def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``host:port``, ``[v6]:port`` or (with ``default_port``) a bare host.
+
+    The host may be a name; it is not resolved here. Raises ``ValueError`` with a message
+    that says which form is expected.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address; expected HOST:PORT, e.g. 203.0.113.7:49200")
+    host: str
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' in [IPv6]:PORT")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':' after ']'")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        host, port_text = text, None  # bare IPv6 address
+    else:
+        host, port_text = text, None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r}: no port; expected HOST:PORT, e.g. 203.0.113.7:49200")
+        port = default_port
+    else:
+        if not port_text.isdigit():
+            raise ValueError(f"{text!r}: port {port_text!r} is not a number in 1-65535")
+        port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is outside 1-65535")
+    if not host:
+        raise ValueError(f"{text!r}: empty host; expected HOST:PORT")
+    return host, port
+
+
+def format_addr(addr: Address) -> str:
+    """``ip:port`` or ``[ip6]:port``."""
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
