@@ -1,1 +1,4 @@
-"""Kademlia DHT: node ids, routing table, RPC matching, lookups, records. Sans-I/O: no sockets, no asyncio."""
+"""Kademlia DHT: ids, routing table, lookups, records, the node engine.
+
+Sans-I/O: no sockets, no asyncio, no clock reads.
+"""

@@ -1,1 +1,4 @@
-"""Discrete-event simulated network driving the same sans-I/O protocol code, for tests and benchmarks."""
+"""Discrete-event simulated network driving the real sans-I/O protocol code.
+
+For tests and benchmarks.
+"""

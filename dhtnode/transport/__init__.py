@@ -1,1 +1,1 @@
-"""The thin asyncio layer that moves datagrams and timers between one UDP socket and the sans-I/O core."""
+"""The thin asyncio layer: moves datagrams and timers between one UDP socket and the core."""

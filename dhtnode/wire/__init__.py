@@ -1,1 +1,1 @@
-"""Wire formats: first-byte demultiplexing, STUN and DHT message codecs. Pure bytes in, bytes out."""
+"""Wire formats: first-byte demultiplexing, STUN and DHT codecs. Pure bytes in, bytes out."""

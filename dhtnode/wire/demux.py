@@ -3,7 +3,7 @@
 ==========  ===========================================================
 first byte  meaning
 ==========  ===========================================================
-0x00-0x03   STUN, but only with the magic cookie 0x2112A442 at bytes 4-7
+0x00-0x03   STUN (RFC 8489 with the magic cookie, or RFC 3489 classic without)
 0x04-0x0F   reserved, dropped
 0x10-0x1F   DHT RPC (this project's messages, see docs/PROTOCOL.md)
 0x20-0x2F   reserved for holepunch probes
@@ -42,7 +42,8 @@ def classify(data: bytes) -> Kind:
         return Kind.UNKNOWN
     b = data[0]
     if b <= 0x03:
-        return Kind.STUN if data[4:8] == STUN_MAGIC_COOKIE else Kind.UNKNOWN
+        # Nothing else uses 0-3; the STUN decoder checks the rest (cookie, lengths).
+        return Kind.STUN
     if 0x10 <= b <= 0x1F:
         return Kind.DHT
     if 0x20 <= b <= 0x2F:

@@ -1,0 +1,39 @@
+# Quickstart: `make run` starts a node with the embedded defaults; `make test` runs the tests.
+# Both create .venv and install the package on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit e2e bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/dhtnode run $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check dhtnode tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict dhtnode
+
+unit: $(STAMP)
+	$(BIN)/pytest -q -m "not slow and not netns"
+
+e2e: $(STAMP)
+	$(BIN)/pytest -q -m "slow or netns"
+
+test: lint typecheck $(STAMP)
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,232 @@
+"""The configuration schema, its TOML loader and command-line overrides.
+
+Every setting has a default here (and in config.example.toml). A bad value raises
+:class:`~dhtnode.errors.ConfigError` naming the field (``dht.alpha`` or ``--port``) and what
+is allowed. Unknown keys are errors too: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dhtnode.errors import ConfigError
+from dhtnode.wire.address import parse_host_port
+
+#: UDP port for DHT, STUN and QUIC. Not HyperDHT's 49737, so both can run side by side.
+DEFAULT_PORT = 49200
+
+
+def default_state_dir() -> Path:
+    """$DHTNODE_STATE_DIR, else $XDG_STATE_HOME/dhtnode, else ~/.local/state/dhtnode."""
+    env = os.environ.get("DHTNODE_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
+    return base / "dhtnode"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    #: Address to bind. "0.0.0.0" = all IPv4; "::" = dual-stack IPv6 + IPv4 where supported.
+    host: str = "0.0.0.0"
+    #: UDP port (0 = any free port).
+    port: int = DEFAULT_PORT
+    #: Nodes to join through, as (host, port).
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    #: First node of a network on a public address: serve at once without a reachability probe.
+    bootstrap_node: bool = False
+    #: Public IP a bootstrap node advertises (default: learned from other nodes, or `host`).
+    public_host: str = ""
+    #: Identity key, node cache and control socket live here.
+    state_dir: Path = field(default_factory=default_state_dir)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    #: debug, info, warning or error.
+    level: str = "info"
+    #: auto (JSON lines unless stderr is a terminal), json or console.
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class DhtConfig:
+    #: Bucket size and replication factor.
+    k: int = 20
+    #: Lookup requests kept in flight.
+    alpha: int = 3
+    #: Seconds before an unanswered request fails.
+    request_timeout: float = 1.0
+    #: Seconds after which an untouched bucket is refreshed.
+    bucket_refresh: float = 900.0
+
+
+@dataclass(frozen=True)
+class RecordsConfig:
+    #: Seconds a stored record lives without a refresh (announcers refresh at ~0.45 x ttl).
+    ttl: float = 1200.0
+    #: Records this node stores in total.
+    max_total: int = 65536
+    #: Records per topic.
+    max_per_topic: int = 32
+    #: Records per announcing IP address.
+    max_per_ip: int = 128
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    #: Control socket path; empty = <state_dir>/control.sock.
+    socket: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.control.socket or self.node.state_dir / "control.sock"
+
+
+# (table, key) -> (kind, low, high) for numbers; kind in int/float/str/bool/path/bootstrap/enum
+_RULES: dict[tuple[str, str], tuple[str, Any, Any]] = {
+    ("node", "host"): ("str", None, None),
+    ("node", "port"): ("int", 0, 65535),
+    ("node", "bootstrap"): ("bootstrap", None, None),
+    ("node", "bootstrap_node"): ("bool", None, None),
+    ("node", "public_host"): ("str", None, None),
+    ("node", "state_dir"): ("path", None, None),
+    ("log", "level"): ("enum", ("debug", "info", "warning", "error"), None),
+    ("log", "format"): ("enum", ("auto", "json", "console"), None),
+    ("dht", "k"): ("int", 2, 64),
+    ("dht", "alpha"): ("int", 1, 16),
+    ("dht", "request_timeout"): ("float", 0.05, 30.0),
+    ("dht", "bucket_refresh"): ("float", 10.0, 86400.0),
+    ("records", "ttl"): ("float", 10.0, 86400.0),
+    ("records", "max_total"): ("int", 1, 10_000_000),
+    ("records", "max_per_topic"): ("int", 1, 100_000),
+    ("records", "max_per_ip"): ("int", 1, 10_000_000),
+    ("control", "socket"): ("path", None, None),
+}
+_TABLES = {"node": NodeConfig, "log": LogConfig, "dht": DhtConfig, "records": RecordsConfig,
+           "control": ControlConfig}
+
+
+def _check(name: str, rule: tuple[str, Any, Any], value: Any) -> Any:
+    kind, low, high = rule
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"must be an integer from {low} to {high}, got {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(name, f"must be an integer from {low} to {high}, got {value}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(name, f"must be a number from {low} to {high}, got {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(name, f"must be a number from {low} to {high}, got {value}")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string, got {value!r}")
+        return value.strip()
+    if kind == "enum":
+        if value not in low:
+            raise ConfigError(name, f"must be one of {', '.join(low)}, got {value!r}")
+        return value
+    if kind == "path":
+        if not isinstance(value, str | Path):
+            raise ConfigError(name, f"must be a path string, got {value!r}")
+        return Path(value).expanduser() if str(value) else None
+    if kind == "bootstrap":
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(name, 'must be a list of "HOST:PORT" strings')
+        out = []
+        for v in value:
+            try:
+                out.append(parse_host_port(v, default_port=DEFAULT_PORT))
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+        return tuple(out)
+    raise AssertionError(kind)
+
+
+def load_config(path: Path | None) -> Config:
+    """Defaults, overlaid with the TOML file at ``path`` (if given)."""
+    if path is None:
+        return Config()
+    try:
+        raw = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    parts: dict[str, Any] = {}
+    for table, body in doc.items():
+        if table not in _TABLES:
+            raise ConfigError(table, f"unknown table; known tables: {', '.join(_TABLES)}")
+        if not isinstance(body, dict):
+            raise ConfigError(table, "must be a table like [" + table + "]")
+        cls = _TABLES[table]
+        known = [f.name for f in fields(cls)]
+        values: dict[str, Any] = {}
+        for key, value in body.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{table}.{key}", f"unknown key; known keys: {', '.join(known)}"
+                )
+            checked = _check(f"{table}.{key}", _RULES[(table, key)], value)
+            if checked is None and key == "state_dir":
+                continue
+            values[key] = checked
+        parts[table] = cls(**values)
+    return Config(**parts)
+
+
+def apply_overrides(
+    cfg: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    bootstrap: list[str] | None = None,
+    state_dir: Path | None = None,
+    bootstrap_node: bool | None = None,
+    public_host: str | None = None,
+    log_level: str | None = None,
+    log_format: str | None = None,
+) -> Config:
+    """Command-line values (None = not given) on top of ``cfg``; same validation."""
+    node: dict[str, Any] = {}
+    if host is not None:
+        node["host"] = _check("--host", _RULES[("node", "host")], host)
+    if port is not None:
+        node["port"] = _check("--port", _RULES[("node", "port")], port)
+    if bootstrap is not None:
+        node["bootstrap"] = _check("--bootstrap", _RULES[("node", "bootstrap")], bootstrap)
+    if state_dir is not None:
+        node["state_dir"] = Path(state_dir).expanduser()
+    if bootstrap_node is not None:
+        node["bootstrap_node"] = bool(bootstrap_node)
+    if public_host is not None:
+        node["public_host"] = _check("--public-host", _RULES[("node", "public_host")], public_host)
+    log: dict[str, Any] = {}
+    if log_level is not None:
+        log["level"] = _check("--log-level", _RULES[("log", "level")], log_level)
+    if log_format is not None:
+        log["format"] = _check("--log-format", _RULES[("log", "format")], log_format)
+    return replace(cfg, node=replace(cfg.node, **node), log=replace(cfg.log, **log))

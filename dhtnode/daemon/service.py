@@ -1,0 +1,280 @@
+"""Running a node: the long-lived daemon (``dhtnode run``) and short-lived client nodes
+(``dhtnode announce`` / ``lookup``).
+
+Owns wiring and life cycle: state dir, identity, node cache, socket, control socket, signal
+handling, periodic cache saves, and a clean shutdown (withdraw announcements, save the cache).
+Protocol decisions stay in ``dhtnode.dht``; this file only calls the engine's operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from dhtnode.crypto.identity import Identity, load_or_create_identity
+from dhtnode.daemon.config import Config
+from dhtnode.daemon.control import ControlServer
+from dhtnode.daemon.state import (
+    IDENTITY_FILE,
+    ensure_state_dir,
+    load_node_cache,
+    save_node_cache,
+)
+from dhtnode.dht.ids import parse_topic
+from dhtnode.dht.node import DhtNode, DhtParams, LookupResult
+from dhtnode.dht.op import OperationError
+from dhtnode.dht.records import Record
+from dhtnode.errors import DhtnodeError
+from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
+from dhtnode.wire import address as wire_address
+from dhtnode.wire.address import Address
+
+#: Seconds between node cache saves while running.
+CACHE_SAVE_INTERVAL = 60.0
+#: Seconds a clean shutdown waits for withdrawals to be acknowledged.
+SHUTDOWN_GRACE = 3.0
+
+log = structlog.get_logger("dhtnode")
+
+
+def params_from_config(cfg: Config) -> DhtParams:
+    return DhtParams(
+        k=cfg.dht.k,
+        alpha=cfg.dht.alpha,
+        request_timeout=cfg.dht.request_timeout,
+        slow_after=min(0.25, cfg.dht.request_timeout / 2),
+        bucket_refresh=cfg.dht.bucket_refresh,
+        record_ttl=cfg.records.ttl,
+        max_records=cfg.records.max_total,
+        max_records_per_topic=cfg.records.max_per_topic,
+        max_records_per_ip=cfg.records.max_per_ip,
+    )
+
+
+async def resolve(hosts: list[tuple[str, int]] | tuple[tuple[str, int], ...]) -> list[Address]:
+    """Resolve names in a bootstrap list; unresolvable entries are logged and skipped."""
+    loop = asyncio.get_running_loop()
+    out: list[Address] = []
+    for host, port in hosts:
+        try:
+            infos = await loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
+        except OSError as exc:
+            log.warning("bootstrap_unresolvable", host=host, port=port, error=str(exc))
+            continue
+        for info in infos:
+            addr = wire_address.normalize(info[4])
+            if addr not in out:
+                out.append(addr)
+    return out
+
+
+def record_to_json(topic: bytes, rec: Record) -> dict[str, Any]:
+    return {
+        "topic": topic.hex(),
+        "public_key": rec.public_key.hex(),
+        "seq": rec.seq,
+        "addresses": [
+            {"kind": kind.name.lower(), "address": wire_address.format_addr(a)}
+            for kind, a in rec.addresses
+        ],
+    }
+
+
+def _log_event(name: str, fields: dict[str, Any]) -> None:
+    log.info(name, **fields)
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.endpoint: NodeEndpoint | None = None
+        self.control: ControlServer | None = None
+        self.identity: Identity | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.started_at = time.time()
+
+    @property
+    def node(self) -> DhtNode:
+        assert self.endpoint is not None
+        return self.endpoint.node
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        state_dir = ensure_state_dir(cfg.node.state_dir)
+        self.identity, created = load_or_create_identity(state_dir / IDENTITY_FILE)
+        if created:
+            log.info("identity_created", path=str(state_dir / IDENTITY_FILE))
+        cached = load_node_cache(state_dir)
+        seeds = await resolve(cfg.node.bootstrap)
+        sock = open_udp_socket(cfg.node.host, cfg.node.port)
+        local = wire_address.normalize(sock.getsockname())
+        public: Address | None = None
+        if cfg.node.bootstrap_node:
+            host = cfg.node.public_host or cfg.node.host
+            if host not in ("", "0.0.0.0", "::"):
+                public = (host, local[1])
+        node = DhtNode(
+            self.identity,
+            params_from_config(cfg),
+            now=time.monotonic(),
+            wall=time.time,
+            public_address=public,
+            assume_reachable=cfg.node.bootstrap_node,
+            seeds=seeds + [a for a in cached if a not in seeds],
+        )
+        self.endpoint = await NodeEndpoint.create_on(sock, node, on_event=_log_event)
+        self.control = ControlServer(cfg.control_socket_path, self._handle_control)
+        await self.control.start()
+        log.info(
+            "node_started",
+            bind=wire_address.format_addr(local),
+            public_key=self.identity.public_key.hex(),
+            state_dir=str(state_dir),
+            bootstrap=[wire_address.format_addr(a) for a in seeds],
+            cached_nodes=len(cached),
+            bootstrap_node=public is not None,
+            control_socket=str(cfg.control_socket_path),
+        )
+        if not seeds and not cached:
+            log.info(
+                "first_node_of_network",
+                hint=f"others join with: dhtnode run --bootstrap <this host's IP>:{local[1]}",
+            )
+        self._tasks.append(asyncio.create_task(self._join()))
+        self._tasks.append(asyncio.create_task(self._save_cache_periodically()))
+
+    async def _join(self) -> None:
+        assert self.endpoint is not None
+        size = await self.endpoint.run(lambda n: n.bootstrap())
+        log.info("bootstrap_done", routing_table_size=size)
+
+    async def _save_cache_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(CACHE_SAVE_INTERVAL)
+            self.save_cache()
+
+    def save_cache(self) -> None:
+        if self.endpoint is None:
+            return
+        nodes = [c.addr for c in self.node.table]
+        if nodes:
+            save_node_cache(self.cfg.node.state_dir, nodes, now=time.time())
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        await self._stop.wait()
+        log.info("shutdown_started")
+        await self.stop()
+        log.info("shutdown_done")
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, DhtnodeError):
+                await t
+        self._tasks.clear()
+        if self.endpoint is not None:
+            try:
+                withdrawn = await asyncio.wait_for(
+                    self.endpoint.run(lambda n: n.close()), SHUTDOWN_GRACE
+                )
+                log.info("announcements_withdrawn", acknowledged=withdrawn)
+            except (TimeoutError, OperationError) as exc:
+                log.warning("withdraw_incomplete", error=str(exc) or "timeout")
+            self.save_cache()
+            self.endpoint.close()
+        if self.control is not None:
+            await self.control.close()
+
+    async def _handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.endpoint is not None and self.identity is not None
+        cmd = req["cmd"]
+        if cmd == "status":
+            st = self.node.status()
+            st["public_key"] = self.identity.public_key.hex()
+            st["bind_address"] = wire_address.format_addr(self.endpoint.local_address)
+            st["uptime"] = round(time.time() - self.started_at, 1)
+            return st
+        if cmd in ("announce", "unannounce", "lookup"):
+            try:
+                topic = parse_topic(str(req.get("topic", "")))
+            except ValueError as exc:
+                raise DhtnodeError(f"topic: {exc}") from None
+            if cmd == "announce":
+                n = await self.endpoint.run(lambda node: node.announce(topic))
+                return {"topic": topic.hex(), "stored_on": n}
+            if cmd == "unannounce":
+                n = await self.endpoint.run(lambda node: node.unannounce(topic))
+                return {"topic": topic.hex(), "withdrawn_from": n}
+            res: LookupResult = await self.endpoint.run(lambda node: node.lookup(topic))
+            return {"records": [record_to_json(topic, r) for r in res.records]}
+        if cmd == "nodes":
+            return {"nodes": [wire_address.format_addr(c.addr) for c in self.node.table]}
+        raise DhtnodeError(f"unknown control command {cmd!r}; known: status, announce, "
+                           "unannounce, lookup, nodes")
+
+
+@dataclass
+class ClientNode:
+    endpoint: NodeEndpoint
+    identity: Identity
+
+    @property
+    def node(self) -> DhtNode:
+        return self.endpoint.node
+
+
+@contextlib.asynccontextmanager
+async def client_node(
+    cfg: Config, *, identity: Identity | None = None, bootstrap: list[Address] | None = None
+) -> AsyncIterator[ClientNode]:
+    """A short-lived node for one-shot commands: never serves, joins through ``bootstrap``
+    (or the configured list, or the daemon's node cache), and is closed on exit."""
+    if bootstrap is None:
+        bootstrap = await resolve(cfg.node.bootstrap)
+    if not bootstrap:
+        with contextlib.suppress(DhtnodeError):
+            bootstrap = load_node_cache(cfg.node.state_dir)
+    if not bootstrap:
+        raise DhtnodeError(
+            "no bootstrap node: pass --bootstrap HOST:PORT (repeatable), set node.bootstrap in "
+            "the config, or run a daemon first so its node cache can be used"
+        )
+    ident = identity or Identity.generate()
+    node = DhtNode(
+        ident,
+        params_from_config(cfg),
+        now=time.monotonic(),
+        wall=time.time,
+        rng=random.Random(),
+        seeds=bootstrap,
+        ephemeral=True,
+    )
+    host = "0.0.0.0" if cfg.node.host in ("", "0.0.0.0") else cfg.node.host
+    ep = await NodeEndpoint.create_on(open_udp_socket(host, 0), node, on_event=_log_event)
+    try:
+        await ep.run(lambda n: n.bootstrap())
+        yield ClientNode(ep, ident)
+    finally:
+        ep.close()
+
+
+def identity_path(state_dir: Path) -> Path:
+    return state_dir / IDENTITY_FILE

@@ -1,0 +1,81 @@
+"""The state directory: identity key and node cache, so a restart keeps both.
+
+Layout::
+
+    <state dir>/            mode 0700
+        identity.key        Ed25519 seed (see dhtnode.crypto.identity), mode 0600
+        nodes.json          {"version": 1, "saved_at": <unix s>, "nodes": ["ip:port", ...]}
+        control.sock        the daemon's control socket, mode 0600
+
+The node cache is a hint, not a truth: a corrupt one is moved aside to nodes.json.corrupt
+(kept for inspection) and the node starts from its bootstrap list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dhtnode.daemon.atomic import write_atomic
+from dhtnode.errors import StateError
+from dhtnode.wire.address import Address, format_addr, parse_host_port
+
+IDENTITY_FILE = "identity.key"
+NODES_FILE = "nodes.json"
+#: Nodes kept in the cache: enough to rejoin even if most of them are gone.
+MAX_CACHED_NODES = 256
+NODES_FORMAT_VERSION = 1
+
+
+def ensure_state_dir(path: Path) -> Path:
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StateError(
+            f"cannot create state dir {path}: {exc.strerror}; choose another with --state-dir"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StateError(
+            f"state dir {path} is not writable by this user; fix its ownership or choose "
+            "another with --state-dir"
+        )
+    return path
+
+
+def save_node_cache(state_dir: Path, nodes: list[Address], *, now: float) -> None:
+    doc = {
+        "version": NODES_FORMAT_VERSION,
+        "saved_at": round(now, 3),
+        "nodes": [format_addr(a) for a in list(dict.fromkeys(nodes))[:MAX_CACHED_NODES]],
+    }
+    write_atomic(Path(state_dir) / NODES_FILE, json.dumps(doc, indent=1).encode(), mode=0o600)
+
+
+def load_node_cache(state_dir: Path) -> list[Address]:
+    path = Path(state_dir).expanduser() / NODES_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError:
+        return []
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("version") != NODES_FORMAT_VERSION:
+            raise ValueError("unknown format")
+        entries = doc["nodes"]
+        if not isinstance(entries, list):
+            raise ValueError("nodes is not a list")
+        out: list[Address] = []
+        for e in entries[:MAX_CACHED_NODES]:
+            host, port = parse_host_port(str(e))
+            out.append((host, port))
+        return out
+    except (ValueError, KeyError, TypeError):
+        try:
+            os.replace(path, path.with_name(NODES_FILE + ".corrupt"))
+        except OSError as exc:
+            raise StateError(f"corrupt node cache {path} could not be moved aside: {exc}") from None
+        return []

@@ -1,0 +1,951 @@
+"""The DHT node as a sans-I/O protocol engine (in the style of aioquic's QuicConnection).
+
+Inputs: :meth:`DhtNode.receive` (a datagram and its source), :meth:`DhtNode.handle_timer`,
+and operation calls (:meth:`bootstrap`, :meth:`lookup`, :meth:`announce`, ...).
+Outputs: :meth:`datagrams_to_send`, :meth:`next_timer`, the
+:class:`~dhtnode.dht.op.Op` handles the operations return, and :attr:`events` (stable event
+names with fields, which the daemon logs). Operations use the time of the last input: a
+driver calls :meth:`handle_timer` with the current monotonic time before starting one.
+Wall-clock time (record seq numbers) comes from the ``wall`` callable given at construction.
+
+This file owns the meaning of each command and the node's life cycle (client -> server).
+It must not open sockets, sleep, or read the clock on its own: the asyncio layer
+(``dhtnode.transport``) and the simulator (``dhtnode.sim``) drive it identically.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from dhtnode.crypto.identity import Identity
+from dhtnode.crypto.tokens import TokenIssuer
+from dhtnode.dht.ids import ID_LEN, node_id_for
+from dhtnode.dht.lookup import Lookup
+from dhtnode.dht.op import Op, OperationError
+from dhtnode.dht.records import (
+    MAX_RECORDS_PER_MESSAGE,
+    AddressKind,
+    Record,
+    RecordError,
+    decode_record_list,
+    decode_single_record,
+    decode_withdrawal,
+    encode_record_list,
+    sign_record,
+    sign_withdrawal,
+)
+from dhtnode.dht.routing import RoutingTable
+from dhtnode.dht.store import PutResult, RecordStore
+from dhtnode.dht.timers import Timer, TimerQueue
+from dhtnode.errors import DecodeError
+from dhtnode.nat.observer import AddressObserver, NatClass
+from dhtnode.nat.reflector import answer_binding
+from dhtnode.wire import address as wire_address
+from dhtnode.wire import messages as m
+from dhtnode.wire.address import Address
+from dhtnode.wire.demux import Kind, classify
+
+#: Requests allowed in flight at once; past this new requests fail at once (backpressure).
+MAX_INFLIGHT = 4096
+#: Addresses remembered as "we sent to it", for telling solicited from unsolicited traffic.
+MAX_SENT_TO = 8192
+#: Seconds an address stays in the sent-to memory (longer than any NAT mapping lives).
+SENT_TO_TTL = 300.0
+#: Recent requesters remembered, as helpers for other nodes' reachability checks.
+MAX_RECENT_REQUESTERS = 256
+#: Seconds a requester counts as recent.
+RECENT_REQUESTER_TTL = 120.0
+#: Helpers each checked node's contact asks to send the probe; several, because a helper the
+#: checked node happens to have contacted itself gives an inconclusive answer.
+PROBE_HELPERS = 2
+#: Seconds to wait for a reachability probe after asking for one.
+PROBE_WAIT = 4.0
+#: PROBE datagrams this node sends on others' behalf per maintenance tick, at most.
+MAX_PROBES_PER_TICK = 32
+#: Pings sent to strangers to learn our own public address, per maintenance tick.
+MAX_ADDRESS_PINGS = 4
+#: Seconds between maintenance ticks (expiry, pruning, rate-limit windows).
+TICK_INTERVAL = 5.0
+#: Consecutive failed reachability checks before a server goes back to client mode.
+DEMOTE_AFTER_FAILED_CHECKS = 2
+
+
+def _ignore(_: m.Response | None) -> None:
+    """Completion callback of fire-and-forget requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class DhtParams:
+    k: int = 20
+    alpha: int = 3
+    #: Seconds before an unanswered request fails.
+    request_timeout: float = 1.0
+    #: Seconds after which a lookup request stops counting against alpha.
+    slow_after: float = 0.25
+    #: Retransmissions for single requests (ping, announce); lookups move on instead.
+    retries: int = 1
+    bucket_refresh: float = 900.0
+    record_ttl: float = 1200.0
+    max_records: int = 65536
+    max_records_per_topic: int = 32
+    max_records_per_ip: int = 128
+    #: Seconds between reachability re-checks once serving (and back-off cap while a client).
+    reachability_recheck: float = 600.0
+    #: Seconds between attempts to rejoin through the seed list while the table is empty.
+    rejoin_interval: float = 30.0
+
+
+@dataclass(slots=True)
+class _Pending:
+    tid: int
+    addr: Address
+    datagram: bytes
+    tries_left: int
+    on_done: Callable[[m.Response | None], None]
+    timer: Timer | None = None
+    slow_timer: Timer | None = None
+
+
+@dataclass(slots=True)
+class _Announcement:
+    topic: bytes
+    timer: Timer | None = None
+    storers: int = 0
+
+
+@dataclass(slots=True)
+class LookupResult:
+    records: list[Record]
+    nodes_asked: int
+    responses: int
+    hops: int
+    #: The nearest nodes that answered, nearest first.
+    closest: list[Address]
+
+
+@dataclass(slots=True)
+class _PendingProbe:
+    expires: float
+    timer: Timer | None = None
+    succeeded: bool = False
+    #: Some contact confirmed it asked helpers to probe us (else the check says nothing).
+    forwarded: bool = False
+    asked: list[Address] = field(default_factory=list)
+
+
+class DhtNode:
+    def __init__(
+        self,
+        identity: Identity,
+        params: DhtParams,
+        *,
+        now: float,
+        wall: Callable[[], float],
+        rng: random.Random | None = None,
+        public_address: Address | None = None,
+        assume_reachable: bool = False,
+        ephemeral: bool = False,
+        seeds: Iterable[Address] = (),
+    ) -> None:
+        """``public_address``: a bootstrap node's fixed, trusted public address (serve at once).
+        ``assume_reachable``: serve as soon as our public address is learned, without a probe
+        (a bootstrap node on a public IP that was not told its address).
+        ``ephemeral``: a short-lived client (one-shot CLI commands) that never serves."""
+        self.identity = identity
+        self.params = params
+        self._wall = wall
+        self._rng = rng or random.Random()
+        self._now = now
+        self.stats: Counter[str] = Counter()
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._out: list[tuple[bytes, Address]] = []
+        self._timers = TimerQueue()
+        self._pending: dict[int, _Pending] = {}
+        self._sent_to: OrderedDict[Address, float] = OrderedDict()
+        self._recent_requesters: OrderedDict[Address, float] = OrderedDict()
+        self._probes_this_tick = 0
+        self._address_pings = 0
+        self._probe_nonces: dict[bytes, _PendingProbe] = {}
+        self._failed_checks = 0
+        self._check_backoff = 2.0
+        self._last_seq = 0
+        self._announced: dict[bytes, _Announcement] = {}
+        self._seeds: list[Address] = list(dict.fromkeys(seeds))
+        self.observer = AddressObserver()
+        self.tokens = TokenIssuer(self._rng.randbytes, now)
+        self.store = RecordStore(
+            ttl=params.record_ttl,
+            max_total=params.max_records,
+            max_per_topic=params.max_records_per_topic,
+            max_per_ip=params.max_records_per_ip,
+        )
+        #: Fixed public address of a bootstrap node (trusted, not learned).
+        self._fixed_public = public_address
+        self.ephemeral = ephemeral
+        self._assume_reachable = assume_reachable and not ephemeral
+        self.reachable = (public_address is not None or assume_reachable) and not ephemeral
+        self.server = public_address is not None
+        self.public: Address | None = public_address
+        local = node_id_for(public_address) if public_address else self._rng.randbytes(ID_LEN)
+        self.table = RoutingTable(local, params.k)
+        self._closed = False
+        self._timers.call_at(now + TICK_INTERVAL, self._tick)
+        self._timers.call_at(now + params.bucket_refresh / 4, self._refresh_buckets)
+
+    # ------------------------------------------------------------------ driver interface
+
+    @property
+    def node_id(self) -> bytes | None:
+        """Our id while serving (bound to our public address); None while a client."""
+        return self.table.local_id if self.server else None
+
+    @property
+    def nat_class(self) -> NatClass:
+        return self.observer.nat_class
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out, self._out = self._out, []
+        return out
+
+    def next_timer(self) -> float | None:
+        return self._timers.next_deadline()
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        self._timers.run_due(now)
+
+    def receive(self, data: bytes, source: Address, now: float) -> bool:
+        """Handle one datagram. False if it belongs to another subsystem (QUIC, punch, relay),
+        which the caller routes on. Never raises on remote input: bad input is counted."""
+        self._now = now
+        kind = classify(data)
+        if kind is Kind.STUN:
+            self.stats["rx_stun"] += 1
+            answer = answer_binding(data, source)
+            if answer is None:
+                self.stats["drop_stun"] += 1
+            else:
+                self._out.append((answer, source))
+            return True
+        if kind is not Kind.DHT:
+            if kind is Kind.UNKNOWN:
+                self.stats["drop_unknown"] += 1
+                return True
+            return False
+        self.stats["rx_dht"] += 1
+        if len(data) > m.MAX_RECEIVE_SIZE:
+            self.stats["drop_oversized"] += 1
+            return True
+        try:
+            msg = m.decode(data)
+        except DecodeError:
+            self.stats["drop_malformed"] += 1
+            return True
+        try:
+            if isinstance(msg, m.Request):
+                self._on_request(msg, source)
+            else:
+                self._on_response(msg, source)
+        except DecodeError:
+            # Bodies (records, withdrawals, addresses) are decoded lazily by the handlers.
+            self.stats["drop_malformed"] += 1
+        return True
+
+    # ------------------------------------------------------------------ operations
+
+    def bootstrap(self, seeds: Iterable[Address] = ()) -> Op[int]:
+        """Join: look up our own neighbourhood through ``seeds`` and the table, then check
+        reachability. Result: routing table size."""
+        for s in seeds:
+            if s not in self._seeds:
+                self._seeds.append(s)
+        op: Op[int] = Op()
+        lk_op = self._lookup(self.table.local_id, m.Command.FIND_NODE, None, extra=self._seeds)
+
+        def joined(_: Op[Lookup]) -> None:
+            self.events.append(("dht_joined", {"table_size": len(self.table)}))
+            if not self._fixed_public and not self._assume_reachable and not self.ephemeral:
+                self._check_reachability()
+            if len(self.table) == 0 and not self._closed:
+                self._timers.call_at(self._now + self.params.rejoin_interval, self._rejoin)
+            op.set_result(len(self.table))
+
+        lk_op.add_done_callback(joined)
+        return op
+
+    def find_node(self, target: bytes) -> Op[list[Address]]:
+        op: Op[list[Address]] = Op()
+        lk = self._lookup(target, m.Command.FIND_NODE, None)
+        lk.add_done_callback(lambda o: op.set_result(o.result().closest_responded(self.params.k)))
+        return op
+
+    def ping(self, addr: Address) -> Op[m.Response]:
+        op: Op[m.Response] = Op()
+
+        def done(resp: m.Response | None) -> None:
+            if resp is None:
+                op.set_error(OperationError(f"no answer from {wire_address.format_addr(addr)}"))
+            else:
+                op.set_result(resp)
+
+        self._request(addr, m.Command.PING, done, retries=self.params.retries)
+        return op
+
+    def lookup(self, topic: bytes) -> Op[LookupResult]:
+        """Find the verified records of ``topic``: one per public key, newest seq, newest first."""
+        found: dict[bytes, dict[int, Record]] = {}
+
+        def collect(_: Address, resp: m.Response) -> None:
+            if resp.value is None:
+                return
+            try:
+                records = decode_record_list(resp.value)
+            except DecodeError:
+                self.stats["drop_bad_records"] += 1
+                return
+            for rec in records:
+                if self.store.is_fresh(rec.seq, self._wall()):
+                    found.setdefault(rec.public_key, {})[rec.seq] = rec
+
+        op: Op[LookupResult] = Op()
+        lk_op = self._lookup(topic, m.Command.LOOKUP, collect)
+
+        def finish(o: Op[Lookup]) -> None:
+            lk = o.result()
+            if self.server:
+                for rec in self.store.get(topic, self._now, MAX_RECORDS_PER_MESSAGE):
+                    found.setdefault(rec.public_key, {})[rec.seq] = rec
+            verified: list[Record] = []
+            for versions in found.values():
+                for seq in sorted(versions, reverse=True):
+                    if versions[seq].verify(topic):
+                        verified.append(versions[seq])
+                        break
+                    self.stats["drop_bad_signature"] += 1
+            verified.sort(key=lambda r: r.seq, reverse=True)
+            op.set_result(
+                LookupResult(
+                    verified, lk.queried, lk.responses, lk.hops,
+                    lk.closest_responded(self.params.k),
+                )
+            )
+
+        lk_op.add_done_callback(finish)
+        return op
+
+    def announce(self, topic: bytes, *, refresh: bool = True) -> Op[int]:
+        """Store our signed record on the k nodes closest to ``topic``; result: how many
+        acknowledged. With ``refresh`` the record is re-announced before it expires until
+        :meth:`unannounce` or :meth:`close`."""
+        if refresh:
+            ann = self._announced.get(topic)
+            if ann is None:
+                ann = self._announced[topic] = _Announcement(topic)
+            if ann.timer is not None:
+                ann.timer.cancel()
+            interval = self.params.record_ttl * 0.45
+            ann.timer = self._timers.call_at(
+                self._now + interval * (0.9 + 0.1 * self._rng.random()),
+                lambda: self._refresh_announcement(topic),
+            )
+        return self._write(topic, withdraw=False)
+
+    def unannounce(self, topic: bytes) -> Op[int]:
+        ann = self._announced.pop(topic, None)
+        if ann is not None and ann.timer is not None:
+            ann.timer.cancel()
+        return self._write(topic, withdraw=True)
+
+    @property
+    def announced_topics(self) -> list[bytes]:
+        return list(self._announced)
+
+    def close(self) -> Op[int]:
+        """Withdraw every announcement; the result counts acknowledged withdrawals."""
+        topics = list(self._announced)
+        op: Op[int] = Op()
+        if not topics:
+            self._closed = True
+            op.set_result(0)
+            return op
+        remaining = [len(topics)]
+        total = [0]
+
+        def one(o: Op[int]) -> None:
+            total[0] += 0 if o.error else o.result()
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self._closed = True
+                op.set_result(total[0])
+
+        for t in topics:
+            self.unannounce(t).add_done_callback(one)
+        return op
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id.hex() if self.node_id else None,
+            "public_address": wire_address.format_addr(self.public) if self.public else None,
+            "nat_class": self.observer.nat_class.value,
+            "reachable": self.reachable,
+            "server": self.server,
+            "routing_table_size": len(self.table),
+            "records_stored": len(self.store),
+            "topics_stored": self.store.topic_count,
+            "announced_topics": [t.hex() for t in self._announced],
+            "requests_in_flight": len(self._pending),
+            "stats": dict(self.stats),
+        }
+
+    # ------------------------------------------------------------------ sending
+
+    def _next_tid(self) -> int:
+        while True:
+            tid = self._rng.getrandbits(32)
+            if tid not in self._pending:
+                return tid
+
+    def _send(self, data: bytes, addr: Address) -> None:
+        """Queue a datagram. Every destination is remembered: once we sent to it, whatever
+        NAT is in front of us lets its answers in, so they prove nothing about reachability."""
+        self._out.append((data, addr))
+        self.stats["tx"] += 1
+        self._sent_to[addr] = self._now
+        self._sent_to.move_to_end(addr)
+        if len(self._sent_to) > MAX_SENT_TO:
+            self._sent_to.popitem(last=False)
+
+    def _request(
+        self,
+        addr: Address,
+        command: m.Command,
+        on_done: Callable[[m.Response | None], None],
+        *,
+        target: bytes | None = None,
+        token: bytes | None = None,
+        value: bytes | None = None,
+        retries: int = 0,
+        on_slow: Callable[[], None] | None = None,
+    ) -> None:
+        if len(self._pending) >= MAX_INFLIGHT:
+            self.stats["request_backpressure"] += 1
+            on_done(None)
+            return
+        tid = self._next_tid()
+        req = m.Request(command, tid, self.node_id, target, token, value)
+        data = m.encode_request(req)
+        p = _Pending(tid, addr, data, retries, on_done)
+        self._pending[tid] = p
+        self._send(data, addr)
+        p.timer = self._timers.call_at(
+            self._now + self.params.request_timeout, lambda: self._on_timeout(tid)
+        )
+        if on_slow is not None:
+            p.slow_timer = self._timers.call_at(self._now + self.params.slow_after, on_slow)
+
+    def _on_timeout(self, tid: int) -> None:
+        p = self._pending.get(tid)
+        if p is None:
+            return
+        if p.tries_left > 0:
+            p.tries_left -= 1
+            self.stats["retransmit"] += 1
+            self._send(p.datagram, p.addr)
+            p.timer = self._timers.call_at(
+                self._now + self.params.request_timeout, lambda: self._on_timeout(tid)
+            )
+            return
+        del self._pending[tid]
+        self.stats["request_timeout"] += 1
+        if p.slow_timer is not None:
+            p.slow_timer.cancel()
+        self.table.failed(p.addr)
+        p.on_done(None)
+
+    def _respond(self, req: m.Request, to: Address, **fields: Any) -> None:
+        resp = m.Response(req.command, req.tid, to, self.node_id, **fields)
+        self._send(m.encode_response(resp), to)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_response(self, resp: m.Response, source: Address) -> None:
+        p = self._pending.get(resp.tid)
+        if p is None or p.addr != source:
+            # Late, duplicated, replayed or spoofed: tid AND source must match a request.
+            self.stats["drop_unmatched"] += 1
+            return
+        del self._pending[resp.tid]
+        if p.timer is not None:
+            p.timer.cancel()
+        if p.slow_timer is not None:
+            p.slow_timer.cancel()
+        self.stats["rx_response"] += 1
+        if self._fixed_public is None and self.observer.add(source, resp.to):
+            self._on_address_change()
+        if resp.id is not None:
+            self._maybe_add(resp.id, source)
+        p.on_done(resp)
+
+    def _maybe_add(self, claimed_id: bytes, source: Address) -> None:
+        if claimed_id != node_id_for(source):
+            self.stats["drop_bad_id"] += 1
+            return
+        if source == self.public:
+            return
+        stale = self.table.add(claimed_id, source, self._now)
+        if stale is not None:
+            # Full bucket: keep the old contact if it still answers (Kademlia's rule).
+            self._request(stale.addr, m.Command.PING, _ignore)
+
+    def _on_request(self, req: m.Request, source: Address) -> None:
+        self.stats["rx_request"] += 1
+        if req.id is not None:
+            self._maybe_add(req.id, source)
+        if (
+            not self.server
+            and not self.ephemeral
+            and req.command is not m.Command.PROBE  # judged by its nonce, in _on_probe
+            and source not in self._sent_to
+        ):
+            self._on_unsolicited_request(source)
+        if req.command is not m.Command.PROBE:
+            self._recent_requesters[source] = self._now
+            self._recent_requesters.move_to_end(source)
+            if len(self._recent_requesters) > MAX_RECENT_REQUESTERS:
+                self._recent_requesters.popitem(last=False)
+        handler = self._handlers.get(req.command)
+        if handler is None:
+            self._respond(req, source, error=m.ErrorCode.UNKNOWN_COMMAND)
+            return
+        handler(self, req, source)
+
+    def _on_unsolicited_request(self, source: Address) -> None:
+        """A request from an address we never sent to got through: whatever is in front of us
+        lets strangers in, which is what reachability means. While our public address is
+        unknown (the first node of a network has nobody to ask), ask the stranger."""
+        if not self.reachable:
+            self.events.append(("reachable_by_request", {"from": wire_address.format_addr(source)}))
+            self._set_reachable(True)
+        if self.public is None and self._address_pings < MAX_ADDRESS_PINGS:
+            self._address_pings += 1
+            self._request(source, m.Command.PING, _ignore)
+
+    def _on_ping(self, req: m.Request, source: Address) -> None:
+        self._respond(req, source)
+
+    def _closer_nodes(self, target: bytes, source: Address) -> tuple[Address, ...]:
+        fam = wire_address.family_of(source[0])
+        out: list[Address] = []
+        for c in self.table.closest(target, self.params.k + 1):
+            if c.addr != source and wire_address.family_of(c.addr[0]) == fam:
+                out.append(c.addr)
+        return tuple(out[: self.params.k])
+
+    def _on_find_node(self, req: m.Request, source: Address) -> None:
+        if req.target is None:
+            self._respond(req, source, error=m.ErrorCode.MISSING_FIELD)
+            return
+        self._respond(req, source, nodes=self._closer_nodes(req.target, source))
+
+    def _on_lookup(self, req: m.Request, source: Address) -> None:
+        if req.target is None:
+            self._respond(req, source, error=m.ErrorCode.MISSING_FIELD)
+            return
+        nodes = self._closer_nodes(req.target, source)
+        if not self.server:
+            self._respond(req, source, nodes=nodes)
+            return
+        token = self.tokens.issue(source, self._now)
+        base = m.Response(req.command, req.tid, source, self.node_id, token, nodes)
+        budget = m.MAX_SEND_SIZE - len(m.encode_response(base)) - 3
+        picked: list[Record] = []
+        used = 0
+        for rec in self.store.get(req.target, self._now, MAX_RECORDS_PER_MESSAGE):
+            size = len(rec.body()) + len(rec.signature)
+            if used + size > budget:
+                break
+            picked.append(rec)
+            used += size
+        value = encode_record_list(picked) if picked else None
+        self._respond(req, source, token=token, nodes=nodes, value=value)
+
+    def _check_write(self, req: m.Request, source: Address) -> bool:
+        if not self.server:
+            self._respond(req, source, error=m.ErrorCode.NOT_SERVING)
+            return False
+        if req.target is None or req.value is None or req.token is None:
+            self._respond(req, source, error=m.ErrorCode.MISSING_FIELD)
+            return False
+        if not self.tokens.check(req.token, source, self._now):
+            self.stats["drop_bad_token"] += 1
+            self._respond(req, source, error=m.ErrorCode.BAD_TOKEN)
+            return False
+        return True
+
+    def _on_announce(self, req: m.Request, source: Address) -> None:
+        if not self._check_write(req, source):
+            return
+        assert req.target is not None and req.value is not None
+        try:
+            rec = decode_single_record(req.value)
+        except RecordError:
+            self.stats["drop_bad_records"] += 1
+            self._respond(req, source, error=m.ErrorCode.BAD_RECORD)
+            return
+        # Cheap checks first; the signature is verified only for a record we would keep.
+        if not self.store.is_fresh(rec.seq, self._wall()):
+            self.stats["drop_stale_record"] += 1
+            self._respond(req, source, error=m.ErrorCode.STALE)
+            return
+        if not rec.verify(req.target):
+            self.stats["drop_bad_signature"] += 1
+            self._respond(req, source, error=m.ErrorCode.BAD_RECORD)
+            return
+        result = self.store.put(req.target, rec, source[0], self._now, self._wall())
+        if result is PutResult.STALE:
+            self.stats["drop_replayed_record"] += 1
+            self._respond(req, source, error=m.ErrorCode.STALE)
+        elif result is PutResult.FULL:
+            self.stats["drop_store_full"] += 1
+            self._respond(req, source, error=m.ErrorCode.FULL)
+        else:
+            self.stats["records_stored"] += 1
+            self._respond(req, source)
+
+    def _on_unannounce(self, req: m.Request, source: Address) -> None:
+        if not self._check_write(req, source):
+            return
+        assert req.target is not None and req.value is not None
+        try:
+            w = decode_withdrawal(req.value)
+        except RecordError:
+            self._respond(req, source, error=m.ErrorCode.BAD_RECORD)
+            return
+        if not w.verify(req.target):
+            self.stats["drop_bad_signature"] += 1
+            self._respond(req, source, error=m.ErrorCode.BAD_RECORD)
+            return
+        if self.store.withdraw(req.target, w, self._now, self._wall()):
+            self._respond(req, source)
+        else:
+            self._respond(req, source, error=m.ErrorCode.STALE)
+
+    def _on_check_reachable(self, req: m.Request, source: Address) -> None:
+        if req.value is None or len(req.value) != 16:
+            self._respond(req, source, error=m.ErrorCode.MISSING_FIELD)
+            return
+        helpers = self._pick_probe_helpers(source, PROBE_HELPERS)
+        if not helpers:
+            self._respond(req, source, error=m.ErrorCode.NOT_SERVING)
+            return
+        body = wire_address.encode(source) + req.value
+        for helper in helpers:
+            self._request(helper, m.Command.FORWARD_PROBE, _ignore, value=body)
+        self._respond(req, source)
+
+    def _pick_probe_helpers(self, source: Address, n: int) -> list[Address]:
+        """Nodes other than ``source`` that recently sent us a request (so they accept our
+        FORWARD_PROBE), preferring other IPs than the checked node's."""
+        horizon = self._now - RECENT_REQUESTER_TTL
+        fresh = [a for a, t in self._recent_requesters.items() if t >= horizon and a != source]
+        other_ip = [a for a in fresh if a[0] != source[0]]
+        pool = other_ip if len(other_ip) >= n else fresh
+        return self._rng.sample(pool, min(n, len(pool)))
+
+    def _on_forward_probe(self, req: m.Request, source: Address) -> None:
+        # Only nodes we use may make us send a datagram to a third party, at a bounded rate.
+        if source not in self._sent_to or req.value is None:
+            self.stats["drop_forward_probe"] += 1
+            return
+        if self._probes_this_tick >= MAX_PROBES_PER_TICK:
+            self.stats["drop_forward_probe_rate"] += 1
+            return
+        try:
+            target, pos = wire_address.decode(req.value)
+        except DecodeError:
+            self.stats["drop_malformed"] += 1
+            return
+        nonce = req.value[pos:]
+        if len(nonce) != 16:
+            self.stats["drop_malformed"] += 1
+            return
+        self._probes_this_tick += 1
+        self._respond(req, source)
+        probe = m.Request(m.Command.PROBE, self._rng.getrandbits(32), None, None, None, nonce)
+        # Like any send, this opens our own NAT to the target: its later traffic is solicited.
+        self._send(m.encode_request(probe), target)
+
+    def _on_probe(self, req: m.Request, source: Address) -> None:
+        check = self._probe_nonces.get(req.value or b"")
+        if check is None:
+            self.stats["drop_probe"] += 1
+            return
+        if source in self._sent_to:
+            self.stats["probe_solicited"] += 1  # inconclusive: our NAT may have let it in
+            return
+        check.succeeded = True
+        self._set_reachable(True)
+
+    _handlers: ClassVar[dict[m.Command, Callable[[DhtNode, m.Request, Address], None]]] = {
+        m.Command.PING: _on_ping,
+        m.Command.FIND_NODE: _on_find_node,
+        m.Command.LOOKUP: _on_lookup,
+        m.Command.ANNOUNCE: _on_announce,
+        m.Command.UNANNOUNCE: _on_unannounce,
+        m.Command.CHECK_REACHABLE: _on_check_reachable,
+        m.Command.FORWARD_PROBE: _on_forward_probe,
+        m.Command.PROBE: _on_probe,
+    }
+
+    # ------------------------------------------------------------------ lookups and writes
+
+    def _lookup(
+        self,
+        target: bytes,
+        command: m.Command,
+        on_reply: Callable[[Address, m.Response], None] | None,
+        *,
+        extra: Iterable[Address] = (),
+    ) -> Op[Lookup]:
+        exclude = {self.public} if self.public else set()
+        lk = Lookup(target, k=self.params.k, alpha=self.params.alpha, exclude=exclude)
+        lk.add_candidates(c.addr for c in self.table.closest(target, self.params.k))
+        lk.add_candidates(extra)
+        if len(self.table) == 0:
+            lk.add_candidates(self._seeds)
+        op: Op[Lookup] = Op()
+        self.stats["lookups"] += 1
+
+        def pump() -> None:
+            if op.done:
+                return
+            for addr in lk.next_queries():
+                self._request(
+                    addr,
+                    command,
+                    functools.partial(answered, addr),
+                    target=target,
+                    on_slow=functools.partial(slow, addr),
+                )
+            if lk.done:
+                op.set_result(lk)
+
+        def answered(addr: Address, resp: m.Response | None) -> None:
+            if resp is None:
+                lk.on_failure(addr)
+            else:
+                lk.on_response(addr, resp.nodes or ())
+                if on_reply is not None and not op.done:
+                    on_reply(addr, resp)
+            pump()
+
+        def slow(addr: Address) -> None:
+            lk.on_slow(addr)
+            pump()
+
+        pump()
+        return op
+
+    def _next_seq(self) -> int:
+        seq = max(int(self._wall() * 1000), self._last_seq + 1)
+        self._last_seq = seq
+        return seq
+
+    def _record_addresses(self, storers: list[Address]) -> tuple[tuple[AddressKind, Address], ...]:
+        out: list[tuple[AddressKind, Address]] = []
+        if self.public is not None:
+            out.append((AddressKind.DIRECT, self.public))
+        out.extend((AddressKind.RELAY, a) for a in storers[:3])
+        return tuple(out)
+
+    def _write(self, topic: bytes, *, withdraw: bool) -> Op[int]:
+        tokens: dict[Address, bytes] = {}
+
+        def collect(addr: Address, resp: m.Response) -> None:
+            if resp.token is not None and resp.id == node_id_for(addr):
+                tokens[addr] = resp.token
+
+        op: Op[int] = Op()
+        lk_op = self._lookup(topic, m.Command.LOOKUP, collect)
+
+        def store(o: Op[Lookup]) -> None:
+            lk = o.result()
+            storers = [a for a in lk.closest_responded(2 * self.params.k) if a in tokens]
+            storers = storers[: self.params.k]
+            seq = self._next_seq()
+            local = 0
+            if withdraw:
+                w = sign_withdrawal(self.identity, topic, seq)
+                value = w.encode()
+                command = m.Command.UNANNOUNCE
+                if self.server and self.store.withdraw(topic, w, self._now, self._wall()):
+                    local = 1
+            else:
+                rec = sign_record(self.identity, topic, seq, self._record_addresses(storers))
+                value = rec.encode()
+                command = m.Command.ANNOUNCE
+                if self.server:
+                    own = self.public[0] if self.public else "self"
+                    res = self.store.put(topic, rec, own, self._now, self._wall())
+                    local = int(res in (PutResult.STORED, PutResult.REPLACED))
+            if not storers:
+                if local:
+                    op.set_result(local)
+                else:
+                    op.set_error(OperationError("no DHT node answered; is a bootstrap reachable?"))
+                return
+            acks = [local]
+            waiting = [len(storers)]
+
+            def acked(resp: m.Response | None) -> None:
+                if resp is not None and resp.error is None:
+                    acks[0] += 1
+                waiting[0] -= 1
+                if waiting[0] == 0:
+                    ann = self._announced.get(topic)
+                    if ann is not None and not withdraw:
+                        ann.storers = acks[0]
+                    op.set_result(acks[0])
+
+            for a in storers:
+                self._request(
+                    a, command, acked, target=topic, token=tokens[a], value=value,
+                    retries=self.params.retries,
+                )
+
+        lk_op.add_done_callback(store)
+        return op
+
+    def _refresh_announcement(self, topic: bytes) -> None:
+        if topic in self._announced and not self._closed:
+            self.events.append(("announce_refresh", {"topic": topic.hex()}))
+            self.announce(topic)
+
+    # ------------------------------------------------------------------ reachability
+
+    def _check_reachability(self) -> None:
+        if self._closed or self._fixed_public is not None or self._assume_reachable:
+            return
+        servers = list(self.table)
+        if not servers:
+            self._schedule_check(self._check_backoff)
+            return
+        nonce = self._rng.randbytes(16)
+        check = _PendingProbe(self._now + PROBE_WAIT)
+        self._probe_nonces[nonce] = check
+        for c in self._rng.sample(servers, min(2, len(servers))):
+            check.asked.append(c.addr)
+            self._request(
+                c.addr,
+                m.Command.CHECK_REACHABLE,
+                functools.partial(self._check_forwarded, check),
+                value=nonce,
+            )
+        check.timer = self._timers.call_at(check.expires, lambda: self._check_done(nonce))
+
+    @staticmethod
+    def _check_forwarded(check: _PendingProbe, resp: m.Response | None) -> None:
+        if resp is not None and resp.error is None:
+            check.forwarded = True
+
+    def _check_done(self, nonce: bytes) -> None:
+        check = self._probe_nonces.pop(nonce, None)
+        if check is None:
+            return
+        if check.succeeded:
+            self._failed_checks = 0
+            self._check_backoff = 2.0
+            self._schedule_check(self.params.reachability_recheck)
+            return
+        if check.forwarded:
+            # Probes were sent and none came through: evidence of a filtering NAT.
+            self._failed_checks += 1
+            if self.reachable and self._failed_checks >= DEMOTE_AFTER_FAILED_CHECKS:
+                self._set_reachable(False)
+        self._check_backoff = min(self._check_backoff * 2, self.params.reachability_recheck)
+        self._schedule_check(self._check_backoff)
+
+    def _schedule_check(self, delay: float) -> None:
+        self._timers.call_at(self._now + delay, self._check_reachability)
+
+    def _set_reachable(self, value: bool) -> None:
+        if self.reachable != value:
+            self.reachable = value
+            self.events.append(("reachability_changed", {"reachable": value}))
+        self._update_mode()
+
+    def _on_address_change(self) -> None:
+        self.public = self.observer.public_address
+        shown = wire_address.format_addr(self.public) if self.public else None
+        self.events.append(
+            (
+                "public_address_changed",
+                {"public_address": shown, "nat_class": self.observer.nat_class.value},
+            )
+        )
+        self._update_mode()
+
+    def _update_mode(self) -> None:
+        """Serve (enter others' tables, store records) only when reachable at a known,
+        consistently mapped address; the node id follows that address."""
+        if self._fixed_public is not None:
+            return
+        want = (
+            self.reachable
+            and self.public is not None
+            and self.observer.nat_class is not NatClass.RANDOM
+        )
+        new_id = node_id_for(self.public) if want and self.public else None
+        if want and (not self.server or new_id != self.table.local_id):
+            assert new_id is not None
+            self._rebuild_table(new_id)
+            self.server = True
+            self.events.append(("serving", {"node_id": new_id.hex()}))
+            # Tell our new neighbourhood about us: requests now carry our id.
+            self._lookup(new_id, m.Command.FIND_NODE, None)
+        elif not want and self.server:
+            self.server = False
+            self._rebuild_table(self._rng.randbytes(ID_LEN))
+            self.events.append(("client_mode", {}))
+
+    def _rebuild_table(self, local_id: bytes) -> None:
+        old = list(self.table)
+        self.table = RoutingTable(local_id, self.params.k)
+        for c in old:
+            self.table.add(c.id, c.addr, c.last_seen)
+
+    # ------------------------------------------------------------------ periodic work
+
+    def _tick(self) -> None:
+        now = self._now
+        self._probes_this_tick = 0
+        self._address_pings = 0
+        expired = self.store.expire(now)
+        if expired:
+            self.stats["records_expired"] += expired
+        horizon = now - SENT_TO_TTL
+        while self._sent_to and next(iter(self._sent_to.values())) < horizon:
+            self._sent_to.popitem(last=False)
+        horizon = now - RECENT_REQUESTER_TTL
+        while self._recent_requesters and next(iter(self._recent_requesters.values())) < horizon:
+            self._recent_requesters.popitem(last=False)
+        if not self._closed:
+            self._timers.call_at(now + TICK_INTERVAL, self._tick)
+
+    def _refresh_buckets(self) -> None:
+        if self._closed:
+            return
+        for i in self.table.stale_buckets(self._now, self.params.bucket_refresh)[:8]:
+            self.table.touch_bucket(i, self._now)
+            self._lookup(self.table.random_id_in_bucket(i, self._rng), m.Command.FIND_NODE, None)
+        self._timers.call_at(self._now + self.params.bucket_refresh / 4, self._refresh_buckets)
+
+    def _rejoin(self) -> None:
+        if self._closed or len(self.table) > 0:
+            return
+        self.bootstrap()

@@ -1,0 +1,63 @@
+"""A sans-I/O future: the handle every DHT operation returns.
+
+The asyncio layer turns it into an ``asyncio.Future`` (``dhtnode.transport.bridge``); the
+simulator just reads it. Callbacks run synchronously when the result is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from dhtnode.errors import DhtnodeError
+
+T = TypeVar("T")
+
+
+class OperationError(DhtnodeError):
+    """A DHT operation could not complete; the message says why."""
+
+
+class Op(Generic[T]):
+    __slots__ = ("_callbacks", "_error", "_result", "done")
+
+    def __init__(self) -> None:
+        self.done = False
+        self._result: T | None = None
+        self._error: OperationError | None = None
+        self._callbacks: list[Callable[[Op[T]], None]] = []
+
+    def result(self) -> T:
+        if not self.done:
+            raise RuntimeError("operation still running")
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    @property
+    def error(self) -> OperationError | None:
+        return self._error
+
+    def set_result(self, value: T) -> None:
+        if self.done:
+            return
+        self._result = value
+        self._finish()
+
+    def set_error(self, error: OperationError) -> None:
+        if self.done:
+            return
+        self._error = error
+        self._finish()
+
+    def add_done_callback(self, fn: Callable[[Op[T]], None]) -> None:
+        if self.done:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def _finish(self) -> None:
+        self.done = True
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)

@@ -1,0 +1,261 @@
+"""DHT RPC messages: the byte layout of every request and response (see docs/PROTOCOL.md).
+
+Request (first byte 0x10)::
+
+    u8 type=0x10 | u8 version=1 | u8 flags | u8 command | u32 tid
+    [32 id]          if flags & F_ID      sender is a server; id must equal H(source address)
+    [32 target]      if flags & F_TARGET
+    [u8 n, n token]  if flags & F_TOKEN   (n <= 32)
+    [u16 n, n value] if flags & F_VALUE   (command-specific body)
+
+Response (first byte 0x11)::
+
+    u8 type=0x11 | u8 version=1 | u8 flags | u8 command | u32 tid
+    compact address  "to": the requester's address as this responder saw it (always present)
+    [32 id]          if flags & F_ID      responder is a server; id == H(responder address)
+    [u8 n, n token]  if flags & F_TOKEN
+    [u8 n, n x compact address] if flags & F_NODES   closer nodes
+    [u8 code]        if flags & F_ERROR
+    [u16 n, n value] if flags & F_VALUE
+
+All integers are big-endian. Any trailing byte, unknown flag bit, unknown version or
+out-of-range length is a :class:`MessageError`; decoders raise nothing else.
+
+This module owns only the byte layout. What a command means lives in ``dhtnode.dht``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from dhtnode.errors import DecodeError
+from dhtnode.wire import address as wire_address
+from dhtnode.wire.address import Address
+from dhtnode.wire.demux import DHT_REQUEST, DHT_RESPONSE
+
+PROTOCOL_VERSION = 1
+#: Largest datagram this node sends. 1200 bytes fits the IPv6 minimum MTU (1280) with headers,
+#: so nothing we send is ever fragmented.
+MAX_SEND_SIZE = 1200
+#: Largest DHT datagram accepted; anything bigger is counted as oversized and dropped.
+MAX_RECEIVE_SIZE = 1500
+MAX_TOKEN_LEN = 32
+#: Closer-node lists longer than this are malformed (k is at most 64).
+MAX_NODES = 64
+
+F_ID = 0x01
+F_TARGET = 0x02  # requests only
+F_TOKEN = 0x04
+F_VALUE = 0x08
+F_NODES = 0x10  # responses only
+F_ERROR = 0x20  # responses only
+_REQUEST_FLAGS = F_ID | F_TARGET | F_TOKEN | F_VALUE
+_RESPONSE_FLAGS = F_ID | F_TOKEN | F_VALUE | F_NODES | F_ERROR
+
+_HEADER = struct.Struct(">BBBBI")
+
+
+class MessageError(DecodeError):
+    """A DHT datagram does not follow the layout above."""
+
+
+class Command(enum.IntEnum):
+    PING = 0x01
+    FIND_NODE = 0x02
+    LOOKUP = 0x03
+    ANNOUNCE = 0x04
+    UNANNOUNCE = 0x05
+    #: "Please get some other node to probe me": the reachability check.
+    CHECK_REACHABLE = 0x06
+    #: Sent by the checked node's helper to a third node: "send PROBE to this address".
+    FORWARD_PROBE = 0x07
+    #: The unsolicited datagram itself; never answered.
+    PROBE = 0x08
+
+
+class ErrorCode(enum.IntEnum):
+    UNKNOWN_COMMAND = 1
+    BAD_TOKEN = 2
+    BAD_RECORD = 3
+    STALE = 4
+    FULL = 5
+    NOT_SERVING = 6
+    MISSING_FIELD = 7
+
+
+_COMMANDS = frozenset(int(c) for c in Command)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    command: Command
+    tid: int
+    id: bytes | None = None
+    target: bytes | None = None
+    token: bytes | None = None
+    value: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    command: Command
+    tid: int
+    to: Address
+    id: bytes | None = None
+    token: bytes | None = None
+    nodes: tuple[Address, ...] | None = None
+    error: int | None = None
+    value: bytes | None = None
+
+
+def encode_request(req: Request) -> bytes:
+    flags = 0
+    parts: list[bytes] = []
+    if req.id is not None:
+        flags |= F_ID
+        parts.append(_check_key(req.id, "id"))
+    if req.target is not None:
+        flags |= F_TARGET
+        parts.append(_check_key(req.target, "target"))
+    if req.token is not None:
+        flags |= F_TOKEN
+        parts.append(_short_bytes(req.token))
+    if req.value is not None:
+        flags |= F_VALUE
+        parts.append(struct.pack(">H", len(req.value)) + req.value)
+    head = _HEADER.pack(DHT_REQUEST, PROTOCOL_VERSION, flags, int(req.command), req.tid)
+    return head + b"".join(parts)
+
+
+def encode_response(res: Response) -> bytes:
+    flags = 0
+    parts: list[bytes] = [wire_address.encode(res.to)]
+    if res.id is not None:
+        flags |= F_ID
+        parts.append(_check_key(res.id, "id"))
+    if res.token is not None:
+        flags |= F_TOKEN
+        parts.append(_short_bytes(res.token))
+    if res.nodes is not None:
+        flags |= F_NODES
+        if len(res.nodes) > MAX_NODES:
+            raise ValueError(f"at most {MAX_NODES} nodes per response")
+        parts.append(bytes((len(res.nodes),)))
+        parts.extend(wire_address.encode(a) for a in res.nodes)
+    if res.error is not None:
+        flags |= F_ERROR
+        parts.append(bytes((res.error,)))
+    if res.value is not None:
+        flags |= F_VALUE
+        parts.append(struct.pack(">H", len(res.value)) + res.value)
+    head = _HEADER.pack(DHT_RESPONSE, PROTOCOL_VERSION, flags, int(res.command), res.tid)
+    return head + b"".join(parts)
+
+
+def decode(data: bytes) -> Request | Response:
+    """Parse one DHT datagram. Raises only :class:`MessageError`."""
+    if len(data) > MAX_RECEIVE_SIZE:
+        raise MessageError(f"oversized datagram ({len(data)} bytes)")
+    if len(data) < _HEADER.size:
+        raise MessageError("truncated header")
+    kind, version, flags, command, tid = _HEADER.unpack_from(data)
+    if version != PROTOCOL_VERSION:
+        raise MessageError(f"unsupported version {version}")
+    if command not in _COMMANDS:
+        raise MessageError(f"unknown command {command}")
+    pos = _HEADER.size
+    if kind == DHT_REQUEST:
+        if flags & ~_REQUEST_FLAGS:
+            raise MessageError("unknown request flag")
+        rid = target = token = value = None
+        if flags & F_ID:
+            rid, pos = _take(data, pos, 32)
+        if flags & F_TARGET:
+            target, pos = _take(data, pos, 32)
+        if flags & F_TOKEN:
+            token, pos = _take_short(data, pos)
+        if flags & F_VALUE:
+            value, pos = _take_long(data, pos)
+        _end(data, pos)
+        return Request(Command(command), tid, rid, target, token, value)
+    if kind == DHT_RESPONSE:
+        if flags & ~_RESPONSE_FLAGS:
+            raise MessageError("unknown response flag")
+        try:
+            to, pos = wire_address.decode(data, pos)
+        except DecodeError as exc:
+            raise MessageError(f"bad 'to' address: {exc}") from None
+        rid = token = value = None
+        nodes: tuple[Address, ...] | None = None
+        error: int | None = None
+        if flags & F_ID:
+            rid, pos = _take(data, pos, 32)
+        if flags & F_TOKEN:
+            token, pos = _take_short(data, pos)
+        if flags & F_NODES:
+            if pos >= len(data):
+                raise MessageError("truncated node count")
+            count = data[pos]
+            pos += 1
+            if count > MAX_NODES:
+                raise MessageError(f"too many nodes ({count})")
+            found: list[Address] = []
+            for _ in range(count):
+                try:
+                    a, pos = wire_address.decode(data, pos)
+                except DecodeError as exc:
+                    raise MessageError(f"bad node address: {exc}") from None
+                found.append(a)
+            nodes = tuple(found)
+        if flags & F_ERROR:
+            if pos >= len(data):
+                raise MessageError("truncated error code")
+            error = data[pos]
+            pos += 1
+        if flags & F_VALUE:
+            value, pos = _take_long(data, pos)
+        _end(data, pos)
+        return Response(Command(command), tid, to, rid, token, nodes, error, value)
+    raise MessageError(f"first byte 0x{kind:02x} is not a DHT message")
+
+
+def _check_key(key: bytes, name: str) -> bytes:
+    if len(key) != 32:
+        raise ValueError(f"{name} must be 32 bytes")
+    return key
+
+
+def _short_bytes(b: bytes) -> bytes:
+    if len(b) > MAX_TOKEN_LEN:
+        raise ValueError(f"token longer than {MAX_TOKEN_LEN} bytes")
+    return bytes((len(b),)) + b
+
+
+def _take(data: bytes, pos: int, n: int) -> tuple[bytes, int]:
+    end = pos + n
+    if end > len(data):
+        raise MessageError("truncated field")
+    return data[pos:end], end
+
+
+def _take_short(data: bytes, pos: int) -> tuple[bytes, int]:
+    if pos >= len(data):
+        raise MessageError("truncated token length")
+    n = data[pos]
+    if n > MAX_TOKEN_LEN:
+        raise MessageError("token too long")
+    return _take(data, pos + 1, n)
+
+
+def _take_long(data: bytes, pos: int) -> tuple[bytes, int]:
+    if pos + 2 > len(data):
+        raise MessageError("truncated value length")
+    n = (data[pos] << 8) | data[pos + 1]
+    return _take(data, pos + 2, n)
+
+
+def _end(data: bytes, pos: int) -> None:
+    if pos != len(data):
+        raise MessageError(f"{len(data) - pos} trailing bytes")
