@@ -64,7 +64,11 @@ RECENT_REQUESTER_TTL = 120.0
 #: checked node happens to have contacted itself gives an inconclusive answer.
 PROBE_HELPERS = 2
 #: Seconds to wait for a reachability probe after asking for one.
-PROBE_WAIT = 4.0
+PROBE_WAIT = 3.0
+#: Seconds before the first retry of an unsuccessful reachability check; doubles each time.
+FIRST_CHECK_RETRY = 1.0
+#: Cap on the retry interval while still a client (a small network grows; check again soon).
+MAX_CHECK_RETRY = 60.0
 #: PROBE datagrams this node sends on others' behalf per maintenance tick, at most.
 MAX_PROBES_PER_TICK = 32
 #: Pings sent to strangers to learn our own public address, per maintenance tick.
@@ -135,6 +139,9 @@ class _PendingProbe:
     succeeded: bool = False
     #: Some contact confirmed it asked helpers to probe us (else the check says nothing).
     forwarded: bool = False
+    #: A probe came from a node we had sent to: says nothing either way.
+    inconclusive: bool = False
+    answers: int = 0
     asked: list[Address] = field(default_factory=list)
 
 
@@ -172,7 +179,7 @@ class DhtNode:
         self._address_pings = 0
         self._probe_nonces: dict[bytes, _PendingProbe] = {}
         self._failed_checks = 0
-        self._check_backoff = 2.0
+        self._check_backoff = FIRST_CHECK_RETRY
         self._last_seq = 0
         self._announced: dict[bytes, _Announcement] = {}
         self._seeds: list[Address] = list(dict.fromkeys(seeds))
@@ -687,6 +694,7 @@ class DhtNode:
             return
         if source in self._sent_to:
             self.stats["probe_solicited"] += 1  # inconclusive: our NAT may have let it in
+            check.inconclusive = True
             return
         check.succeeded = True
         self._set_reachable(True)
@@ -843,15 +851,20 @@ class DhtNode:
             self._request(
                 c.addr,
                 m.Command.CHECK_REACHABLE,
-                functools.partial(self._check_forwarded, check),
+                functools.partial(self._check_answered, nonce, check),
                 value=nonce,
             )
         check.timer = self._timers.call_at(check.expires, lambda: self._check_done(nonce))
 
-    @staticmethod
-    def _check_forwarded(check: _PendingProbe, resp: m.Response | None) -> None:
+    def _check_answered(self, nonce: bytes, check: _PendingProbe, resp: m.Response | None) -> None:
+        check.answers += 1
         if resp is not None and resp.error is None:
             check.forwarded = True
+        elif check.answers == len(check.asked) and not check.forwarded:
+            # Nobody could find a helper: no probe is coming, so do not wait for one.
+            if check.timer is not None:
+                check.timer.cancel()
+            self._check_done(nonce)
 
     def _check_done(self, nonce: bytes) -> None:
         check = self._probe_nonces.pop(nonce, None)
@@ -859,16 +872,20 @@ class DhtNode:
             return
         if check.succeeded:
             self._failed_checks = 0
-            self._check_backoff = 2.0
+            self._check_backoff = FIRST_CHECK_RETRY
             self._schedule_check(self.params.reachability_recheck)
             return
-        if check.forwarded:
+        if check.forwarded and not check.inconclusive:
             # Probes were sent and none came through: evidence of a filtering NAT.
             self._failed_checks += 1
             if self.reachable and self._failed_checks >= DEMOTE_AFTER_FAILED_CHECKS:
                 self._set_reachable(False)
-        self._check_backoff = min(self._check_backoff * 2, self.params.reachability_recheck)
-        self._schedule_check(self._check_backoff)
+        if self.reachable:
+            delay = self.params.reachability_recheck
+        else:
+            delay = self._check_backoff
+            self._check_backoff = min(self._check_backoff * 2, MAX_CHECK_RETRY)
+        self._schedule_check(delay)
 
     def _schedule_check(self, delay: float) -> None:
         self._timers.call_at(self._now + delay, self._check_reachability)
