@@ -12,6 +12,7 @@ Only 127.0.0.1 is used; every loop is bounded by DURATION.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -33,12 +34,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def requests(command: m.Command) -> list[bytes]:
-    target = bytes(range(32))
+    """Distinct random targets, as real lookups have (no answer can be cached)."""
+    rng = random.Random(5)
     return [
         m.encode_request(
-            m.Request(command, tid, None, target if command is m.Command.FIND_NODE else None)
+            m.Request(command, tid, None,
+                      rng.randbytes(32) if command is m.Command.FIND_NODE else None)
         )
-        for tid in range(IN_FLIGHT * 4)
+        for tid in range(4096)
     ]
 
 

@@ -546,11 +546,13 @@ class DhtNode:
         self._respond(req, source)
 
     def _closer_nodes(self, target: bytes, source: Address) -> tuple[Address, ...]:
-        fam = wire_address.family_of(source[0])
-        out: list[Address] = []
-        for c in self.table.closest(target, self.params.k + 1):
-            if c.addr != source and wire_address.family_of(c.addr[0]) == fam:
-                out.append(c.addr)
+        # Only the requester's address family: it may have no route to the other one.
+        v6 = ":" in source[0]
+        out = [
+            c.addr
+            for c in self.table.closest(target, self.params.k + 1)
+            if (":" in c.addr[0]) is v6 and c.addr != source
+        ]
         return tuple(out[: self.params.k])
 
     def _on_find_node(self, req: m.Request, source: Address) -> None:

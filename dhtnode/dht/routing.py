@@ -13,6 +13,7 @@ Pure: takes ``now`` from the caller, never sends anything.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ class RoutingTable:
         ]
         self._touched: list[float] = [0.0] * ID_BITS
         self._by_addr: dict[Address, Contact] = {}
+        # Sorted indices of non-empty buckets, so lookups skip the ~240 empty ones.
+        self._occupied: list[int] = []
 
     def __len__(self) -> int:
         return len(self._by_addr)
@@ -114,22 +117,25 @@ class RoutingTable:
         t = int.from_bytes(target, "big")
         b = bucket_index(self._local, t) if t != self._local else ID_BITS - 1
         picked: list[Contact] = list(self._buckets[b].values())
-        # Every contact in a deeper bucket is nearer the target than any in a shallower one,
-        # so whole groups can be taken in order and only the gathered ones sorted.
+        # Every contact in bucket b is nearer the target than any in a deeper bucket, and those
+        # nearer than any in a shallower one; so whole groups are taken in that order and only
+        # the gathered ones sorted.
         if len(picked) < n:
-            for j in range(b + 1, ID_BITS):
+            occ = self._occupied
+            split = bisect.bisect_right(occ, b)
+            for j in occ[split:]:
                 picked.extend(self._buckets[j].values())
-            j = b - 1
-            while len(picked) < n and j >= 0:
-                picked.extend(self._buckets[j].values())
-                j -= 1
+            i = bisect.bisect_left(occ, b) - 1
+            while len(picked) < n and i >= 0:
+                picked.extend(self._buckets[occ[i]].values())
+                i -= 1
         picked.sort(key=lambda c: c.key ^ t)
         return picked[:n]
 
     def stale_buckets(self, now: float, interval: float) -> list[int]:
         """Indices of buckets worth refreshing: not touched in ``interval`` and not beyond the
         deepest bucket that has a contact (deeper ones are empty by nature)."""
-        deepest = max((i for i in range(ID_BITS) if self._buckets[i]), default=-1)
+        deepest = self._occupied[-1] if self._occupied else -1
         return [i for i in range(min(deepest + 2, ID_BITS)) if now - self._touched[i] >= interval]
 
     def touch_bucket(self, i: int, now: float) -> None:
@@ -145,6 +151,8 @@ class RoutingTable:
         return key.to_bytes(ID_LEN, "big")
 
     def _place(self, i: int, c: Contact) -> None:
+        if not self._buckets[i]:
+            bisect.insort(self._occupied, i)
         self._buckets[i][c.key] = c
         old = self._by_addr.get(c.addr)
         if old is not None and old.key != c.key:
@@ -159,3 +167,5 @@ class RoutingTable:
         if repl:
             _, newest = repl.popitem(last=True)
             self._place(i, newest)
+        if not self._buckets[i]:
+            self._occupied.remove(i)

@@ -13,6 +13,7 @@ This module owns address parsing and encoding only; it never resolves names or o
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 
@@ -28,12 +29,22 @@ COMPACT_V4_LEN = 7
 COMPACT_V6_LEN = 19
 
 
+#: Addresses whose parsed or compact form is memoised. Parsing goes through ``ipaddress``,
+#: which costs microseconds per call; a node sees the same few thousand peers over and over.
+ENCODE_CACHE_SIZE = 16384
+
+
 class AddressError(DecodeError):
     """A compact address on the wire is malformed."""
 
 
 def normalize(addr: tuple[object, ...]) -> Address:
     """Turn a socket-level address (2- or 4-tuple) into a canonical :data:`Address`."""
+    return _normalize(addr)
+
+
+@functools.lru_cache(maxsize=ENCODE_CACHE_SIZE)
+def _normalize(addr: tuple[object, ...]) -> Address:
     host = str(addr[0])
     port = int(addr[1])  # type: ignore[call-overload]
     if "%" in host:  # scoped link-local: keep only the address part
@@ -49,6 +60,7 @@ def family_of(ip: str) -> int:
     return FAMILY_V6 if ":" in ip else FAMILY_V4
 
 
+@functools.lru_cache(maxsize=ENCODE_CACHE_SIZE)
 def encode(addr: Address) -> bytes:
     """Compact wire form of ``addr``."""
     ip = ipaddress.ip_address(addr[0])
@@ -64,21 +76,26 @@ def decode(data: bytes | memoryview, offset: int = 0) -> tuple[Address, int]:
     fam = data[offset]
     if fam == FAMILY_V4:
         end = offset + COMPACT_V4_LEN
-        if end > len(data):
-            raise AddressError("truncated IPv4 address")
-        ip = str(ipaddress.IPv4Address(bytes(data[offset + 1 : offset + 5])))
     elif fam == FAMILY_V6:
         end = offset + COMPACT_V6_LEN
-        if end > len(data):
-            raise AddressError("truncated IPv6 address")
-        ip6 = ipaddress.IPv6Address(bytes(data[offset + 1 : offset + 17]))
-        ip = str(ip6.ipv4_mapped) if ip6.ipv4_mapped is not None else str(ip6)
     else:
         raise AddressError(f"unknown address family {fam}")
-    port = (data[end - 2] << 8) | data[end - 1]
+    if end > len(data):
+        raise AddressError(f"truncated IPv{fam} address")
+    return _decode_exact(bytes(data[offset:end])), end
+
+
+@functools.lru_cache(maxsize=ENCODE_CACHE_SIZE)
+def _decode_exact(raw: bytes) -> Address:
+    if raw[0] == FAMILY_V4:
+        ip = str(ipaddress.IPv4Address(raw[1:5]))
+    else:
+        ip6 = ipaddress.IPv6Address(raw[1:17])
+        ip = str(ip6.ipv4_mapped) if ip6.ipv4_mapped is not None else str(ip6)
+    port = (raw[-2] << 8) | raw[-1]
     if port == 0:
         raise AddressError("port 0 is not a usable UDP port")
-    return (ip, port), end
+    return (ip, port)
 
 
 def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
