@@ -75,6 +75,8 @@ MAX_PROBES_PER_TICK = 32
 MAX_ADDRESS_PINGS = 4
 #: Seconds between maintenance ticks (expiry, pruning, rate-limit windows).
 TICK_INTERVAL = 5.0
+#: Seconds after joining before the first extra self-lookup of a thin routing table.
+FIRST_GROW_DELAY = 2.0
 #: Consecutive failed reachability checks before a server goes back to client mode.
 DEMOTE_AFTER_FAILED_CHECKS = 2
 
@@ -100,7 +102,8 @@ class DhtParams:
     max_records_per_ip: int = 128
     #: Seconds between reachability re-checks once serving (and back-off cap while a client).
     reachability_recheck: float = 600.0
-    #: Seconds between attempts to rejoin through the seed list while the table is empty.
+    #: Longest interval between self-lookups while the routing table has fewer than k nodes
+    #: (the first comes after 2 s and the interval doubles up to this).
     rejoin_interval: float = 30.0
 
 
@@ -179,6 +182,8 @@ class DhtNode:
         self._address_pings = 0
         self._probe_nonces: dict[bytes, _PendingProbe] = {}
         self._failed_checks = 0
+        self._checks_started = False
+        self._grow_delay = FIRST_GROW_DELAY
         self._check_backoff = FIRST_CHECK_RETRY
         self._last_seq = 0
         self._announced: dict[bytes, _Announcement] = {}
@@ -276,10 +281,11 @@ class DhtNode:
 
         def joined(_: Op[Lookup]) -> None:
             self.events.append(("dht_joined", {"table_size": len(self.table)}))
-            if not self._fixed_public and not self._assume_reachable and not self.ephemeral:
-                self._check_reachability()
-            if len(self.table) == 0 and not self._closed:
-                self._timers.call_at(self._now + self.params.rejoin_interval, self._rejoin)
+            if not self._checks_started and not self.ephemeral:
+                self._checks_started = True
+                if not self._fixed_public and not self._assume_reachable:
+                    self._check_reachability()
+                self._timers.call_at(self._now + self._grow_delay, self._grow_table)
             op.set_result(len(self.table))
 
         lk_op.add_done_callback(joined)
@@ -964,7 +970,14 @@ class DhtNode:
             self._lookup(self.table.random_id_in_bucket(i, self._rng), m.Command.FIND_NODE, None)
         self._timers.call_at(self._now + self.params.bucket_refresh / 4, self._refresh_buckets)
 
-    def _rejoin(self) -> None:
-        if self._closed or len(self.table) > 0:
+    def _grow_table(self) -> None:
+        """While the table is thin (a young network, or we joined early), look up our own
+        neighbourhood again with a growing interval; an empty table falls back to the seeds."""
+        if self._closed:
             return
-        self.bootstrap()
+        if len(self.table) < self.params.k:
+            self._lookup(self.table.local_id, m.Command.FIND_NODE, None)
+            self._grow_delay = min(self._grow_delay * 2, self.params.rejoin_interval)
+        else:
+            self._grow_delay = self.params.rejoin_interval
+        self._timers.call_at(self._now + self._grow_delay, self._grow_table)

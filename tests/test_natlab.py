@@ -1,0 +1,144 @@
+"""Real dhtnode processes in network namespaces behind real kernel NATs (nftables).
+
+Three public nodes and two NATed ones (a port-restricted "home router" NAT and a symmetric,
+fully-random one). Checked: public nodes prove themselves reachable and serve; NATed nodes
+learn their router's public address and the NAT's mapping behaviour, stay clients, and never
+enter a routing table; a NATed node's announcement is found from the internet with its
+router's public address in the record; the STUN reflector reports the NAT's mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dhtnode.daemon import control
+from tests.netlab import Lab, lab_available
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+PORT = 49200
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    reason = lab_available()
+    if reason:
+        pytest.skip(reason)
+    lab = Lab()
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.close()
+
+
+class Node:
+    def __init__(self, ns: str, state: Path, *args: str) -> None:
+        self.state = state
+        state.mkdir(parents=True, exist_ok=True)
+        self.log = (state / "log").open("wb")
+        self.p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "dhtnode", "run",
+             "--state-dir", str(state), "--port", str(PORT), "--log-format", "json", *args],
+            stdout=subprocess.DEVNULL, stderr=self.log,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def call(self, cmd: str, **kw: Any) -> Any:
+        return asyncio.run(control.request(self.state / "control.sock", cmd, timeout=15, **kw))
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.log.close()
+
+
+def wait_for(cond: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return True
+        except control.ControlError:
+            pass  # not started yet
+        time.sleep(0.3)
+    return False
+
+
+def test_public_nodes_serve_and_natted_nodes_are_classified(lab: Lab, tmp_path: Path) -> None:
+    nodes: list[Node] = []
+    try:
+        ns1, ip1 = lab.public_host("pub1")
+        ns2, ip2 = lab.public_host("pub2")
+        ns3, ip3 = lab.public_host("pub3")
+        nsa, _, wan_a = lab.nat_host("home", kind="port-restricted")
+        nsb, _, wan_b = lab.nat_host("sym", kind="symmetric")
+        boot = f"{ip1}:{PORT}"
+        pub1 = Node(ns1, tmp_path / "pub1", "--bootstrap-node", "--public-host", ip1)
+        nodes.append(pub1)
+        assert wait_for(lambda: pub1.status()["server"], 10)
+        pub2 = Node(ns2, tmp_path / "pub2", "--bootstrap", boot)
+        pub3 = Node(ns3, tmp_path / "pub3", "--bootstrap", boot)
+        home = Node(nsa, tmp_path / "home", "--bootstrap", boot)
+        sym = Node(nsb, tmp_path / "sym", "--bootstrap", boot)
+        nodes += [pub2, pub3, home, sym]
+
+        assert wait_for(lambda: pub2.status()["server"] and pub3.status()["server"], 40), (
+            pub2.status(), pub3.status())
+        assert pub2.status()["public_address"] == f"{ip2}:{PORT}"
+
+        # The home NAT keeps the port (endpoint-independent mapping) and filters strangers.
+        assert wait_for(lambda: home.status()["nat_class"] == "consistent", 40), home.status()
+        st = home.status()
+        assert st["public_address"] == f"{wan_a}:{PORT}"
+        assert st["server"] is False and st["node_id"] is None
+        # The symmetric NAT gives every destination another port.
+        assert wait_for(lambda: sym.status()["nat_class"] == "random", 40), sym.status()
+        assert sym.status()["server"] is False
+
+        # Give the home node time for a few reachability checks: it must stay a client.
+        time.sleep(6)
+        st = home.status()
+        assert st["reachable"] is False and st["server"] is False, st
+        for n in (pub1, pub2, pub3):
+            known = n.call("nodes")["nodes"]
+            assert not any(a.startswith((wan_a, wan_b)) for a in known), known
+
+        # A NATed node announces; a public node finds it, with the router's public address.
+        topic = "ab" * 32
+        res = home.call("announce", topic=topic)
+        assert res["stored_on"] >= 2
+        found = pub3.call("lookup", topic=topic)["records"]
+        rec = next(r for r in found if r["public_key"] == home.status()["public_key"])
+        direct = [a["address"] for a in rec["addresses"] if a["kind"] == "direct"]
+        assert direct == [f"{wan_a}:{PORT}"]
+
+        # Our STUN client from behind the symmetric NAT, against two public reflectors: the
+        # mapped addresses share the router's IP but differ in port.
+        mapped = []
+        for ip in (ip1, ip2):
+            out = subprocess.run(
+                ["ip", "netns", "exec", nsb, sys.executable, "-m", "dhtnode", "stun",
+                 f"{ip}:{PORT}", "--json"], capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            mapped.append(json.loads(out.stdout)["mapped_address"])
+        assert all(m.startswith(f"{wan_b}:") for m in mapped)
+    finally:
+        for n in nodes:
+            n.stop()
