@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from dhtnode.crypto.identity import Identity
-
 from dhtnode.dht.ids import node_id_for
 from dhtnode.dht.node import DhtNode, DhtParams
 from dhtnode.transport.udp import NodeEndpoint

@@ -86,7 +86,7 @@ def test_public_nodes_serve_and_natted_nodes_are_classified(lab: Lab, tmp_path: 
     try:
         ns1, ip1 = lab.public_host("pub1")
         ns2, ip2 = lab.public_host("pub2")
-        ns3, ip3 = lab.public_host("pub3")
+        ns3, _ = lab.public_host("pub3")
         nsa, _, wan_a = lab.nat_host("home", kind="port-restricted")
         nsb, _, wan_b = lab.nat_host("sym", kind="symmetric")
         boot = f"{ip1}:{PORT}"

@@ -101,9 +101,11 @@ def test_daemons_announce_and_lookup_across_processes(tmp_path: Path, procs: lis
         d.bind_port()
 
     # Every daemon learns its address, proves it is reachable and serves.
-    assert wait_until(lambda: all(status(d)["server"] for d in dirs), 30), [
-        (status(d)["server"], status(d)["reachable"]) for d in dirs
-    ]
+    ok = wait_until(lambda: all(status(d)["server"] for d in dirs), 30)
+    for d in dirs:
+        if not status(d)["server"]:
+            print("NOT SERVING", json.dumps(status(d)))
+    assert ok
     st = status(dirs[0])
     assert st["public_address"] == f"127.0.0.1:{daemons[0].bind_port()}"
     assert st["routing_table_size"] >= 1 and st["node_id"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from dhtnode.crypto.identity import Identity
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dhtnode.crypto.identity import Identity
 from dhtnode.dht.records import (
     AddressKind,
     RecordError,

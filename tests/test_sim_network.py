@@ -98,3 +98,26 @@ def test_hostile_datagrams_are_counted_and_dropped(net: SimNetwork) -> None:
         assert victim.node.receive(junk, ("203.0.113.66", 4000 + i), net.now) is True
     assert victim.node.stats["drop_malformed"] + victim.node.stats["drop_unmatched"] > 0
     assert sum(victim.node.stats.values()) > before
+
+
+@pytest.mark.parametrize("firewalled", [False, True])
+def test_late_joiner_of_a_tiny_network_is_judged_right(firewalled: bool) -> None:
+    """In a network so small that a newcomer soon talks to every node, only its probe reserve
+    (servers it heard of and never contacted) can show it is reachable; a firewalled one must
+    still stay a client."""
+    net = build_network(6, seed=5, params=PARAMS, batch=5)
+    assert all(h.node.server for h in net.hosts.values())
+    first = next(iter(net.hosts.values()))
+    late = net.add_node(firewalled=firewalled, seeds=(first.addr,))
+    net.run_op(late, lambda n: n.bootstrap())
+    net.run_until(net.now + 60.0)
+    others = [h for h in net.hosts.values() if h is not late]
+    assert late.node.server is not firewalled
+    assert late.node.reachable is not firewalled
+    holders = sum(late.addr in {c.addr for c in h.node.table} for h in others)
+    if firewalled:
+        assert holders == 0
+    else:
+        assert holders >= 1
+        # It has talked to everyone by now: its lookups skip nobody any more.
+        assert not late.node._reserve

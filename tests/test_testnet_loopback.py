@@ -11,8 +11,8 @@ import random
 import time
 
 import pytest
-from dhtnode.crypto.identity import Identity
 
+from dhtnode.crypto.identity import Identity
 from dhtnode.dht.ids import topic_from_name
 from dhtnode.dht.node import DhtNode, DhtParams
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket

@@ -40,6 +40,7 @@ from dhtnode.dht.records import (
     sign_withdrawal,
 )
 from dhtnode.dht.routing import RoutingTable
+from dhtnode.dht.sent import SentMemory
 from dhtnode.dht.store import PutResult, RecordStore
 from dhtnode.dht.timers import Timer, TimerQueue
 from dhtnode.errors import DecodeError
@@ -52,10 +53,6 @@ from dhtnode.wire.demux import Kind, classify
 
 #: Requests allowed in flight at once; past this new requests fail at once (backpressure).
 MAX_INFLIGHT = 4096
-#: Addresses remembered as "we sent to it", for telling solicited from unsolicited traffic.
-MAX_SENT_TO = 8192
-#: Seconds an address stays in the sent-to memory (longer than any NAT mapping lives).
-SENT_TO_TTL = 300.0
 #: Recent requesters remembered, as helpers for other nodes' reachability checks.
 MAX_RECENT_REQUESTERS = 256
 #: Seconds a requester counts as recent.
@@ -63,6 +60,9 @@ RECENT_REQUESTER_TTL = 120.0
 #: Helpers each checked node's contact asks to send the probe; several, because a helper the
 #: checked node happens to have contacted itself gives an inconclusive answer.
 PROBE_HELPERS = 2
+#: Servers a node not yet proven reachable learns of but deliberately never sends to, so that a
+#: probe from them proves something even in a network so small that it has talked to all others.
+PROBE_RESERVE = 2
 #: Seconds to wait for a reachability probe after asking for one.
 PROBE_WAIT = 3.0
 #: Seconds before the first retry of an unsuccessful reachability check; doubles each time.
@@ -146,6 +146,8 @@ class _PendingProbe:
     inconclusive: bool = False
     answers: int = 0
     asked: list[Address] = field(default_factory=list)
+    #: Reserved helpers this check named.
+    named: list[Address] = field(default_factory=list)
 
 
 class DhtNode:
@@ -176,7 +178,9 @@ class DhtNode:
         self._out: list[tuple[bytes, Address]] = []
         self._timers = TimerQueue()
         self._pending: dict[int, _Pending] = {}
-        self._sent_to: OrderedDict[Address, float] = OrderedDict()
+        self._sent_to = SentMemory()
+        #: Probe reserve: helper address -> the server that told us of it (and knows it).
+        self._reserve: dict[Address, Address] = {}
         self._recent_requesters: OrderedDict[Address, float] = OrderedDict()
         self._probes_this_tick = 0
         self._address_pings = 0
@@ -428,10 +432,7 @@ class DhtNode:
         NAT is in front of us lets its answers in, so they prove nothing about reachability."""
         self._out.append((data, addr))
         self.stats["tx"] += 1
-        self._sent_to[addr] = self._now
-        self._sent_to.move_to_end(addr)
-        if len(self._sent_to) > MAX_SENT_TO:
-            self._sent_to.popitem(last=False)
+        self._sent_to.note(addr, self._now)
 
     def _request(
         self,
@@ -523,7 +524,7 @@ class DhtNode:
             not self.server
             and not self.ephemeral
             and req.command is not m.Command.PROBE  # judged by its nonce, in _on_probe
-            and source not in self._sent_to
+            and not self._sent_to.solicited(source)
         ):
             self._on_unsolicited_request(source)
         if req.command is not m.Command.PROBE:
@@ -651,14 +652,31 @@ class DhtNode:
             self._respond(req, source, error=m.ErrorCode.STALE)
 
     def _on_check_reachable(self, req: m.Request, source: Address) -> None:
-        if req.value is None or len(req.value) != 16:
+        if req.value is None or len(req.value) < 16:
             self._respond(req, source, error=m.ErrorCode.MISSING_FIELD)
             return
-        helpers = self._pick_probe_helpers(source, PROBE_HELPERS)
+        nonce = req.value[:16]
+        helpers: list[Address] = []
+        if len(req.value) > 16:
+            try:
+                named, end = wire_address.decode(req.value, 16)
+            except DecodeError:
+                self.stats["drop_malformed"] += 1
+                return
+            if end != len(req.value):
+                self.stats["drop_malformed"] += 1
+                return
+            # Only a node we know may be made to receive a FORWARD_PROBE (no reflection to
+            # arbitrary addresses).
+            if named != source and (named in self._sent_to or self.table.get(named)):
+                helpers.append(named)
+        helpers += [
+            h for h in self._pick_probe_helpers(source, PROBE_HELPERS) if h not in helpers
+        ][: PROBE_HELPERS - len(helpers)]
         if not helpers:
             self._respond(req, source, error=m.ErrorCode.NOT_SERVING)
             return
-        body = wire_address.encode(source) + req.value
+        body = wire_address.encode(source) + nonce
         for helper in helpers:
             self._request(helper, m.Command.FORWARD_PROBE, _ignore, value=body)
         self._respond(req, source)
@@ -700,7 +718,7 @@ class DhtNode:
         if check is None:
             self.stats["drop_probe"] += 1
             return
-        if source in self._sent_to:
+        if self._sent_to.solicited(source):
             self.stats["probe_solicited"] += 1  # inconclusive: our NAT may have let it in
             check.inconclusive = True
             return
@@ -740,14 +758,21 @@ class DhtNode:
         def pump() -> None:
             if op.done:
                 return
-            for addr in lk.next_queries():
-                self._request(
-                    addr,
-                    command,
-                    functools.partial(answered, addr),
-                    target=target,
-                    on_slow=functools.partial(slow, addr),
-                )
+            skipped = True
+            while skipped:
+                skipped = False
+                for addr in lk.next_queries():
+                    if addr in self._reserve:
+                        lk.on_failure(addr)  # kept untouched as a probe helper
+                        skipped = True
+                        continue
+                    self._request(
+                        addr,
+                        command,
+                        functools.partial(answered, addr),
+                        target=target,
+                        on_slow=functools.partial(slow, addr),
+                    )
             if lk.done:
                 op.set_result(lk)
 
@@ -755,6 +780,8 @@ class DhtNode:
             if resp is None:
                 lk.on_failure(addr)
             else:
+                if resp.nodes and len(self._reserve) < PROBE_RESERVE and self._wants_reserve():
+                    self._fill_reserve(addr, resp.nodes)
                 lk.on_response(addr, resp.nodes or ())
                 if on_reply is not None and not op.done:
                     on_reply(addr, resp)
@@ -854,13 +881,23 @@ class DhtNode:
         nonce = self._rng.randbytes(16)
         check = _PendingProbe(self._now + PROBE_WAIT)
         self._probe_nonces[nonce] = check
-        for c in self._rng.sample(servers, min(2, len(servers))):
-            check.asked.append(c.addr)
+        # Ask the servers that told us of our reserved helpers to use them, and fill up with
+        # random servers that pick helpers of their own.
+        for stale in [h for h in self._reserve if h in self._sent_to]:
+            del self._reserve[stale]  # contacted after all: a probe from it proves nothing
+        asks: list[tuple[Address, Address | None]] = [(r, h) for h, r in self._reserve.items()]
+        others = [c.addr for c in servers if all(c.addr != a for a, _ in asks)]
+        asks += [(a, None) for a in self._rng.sample(others, min(2 - len(asks), len(others)))]
+        for addr, helper in asks[:2]:
+            check.asked.append(addr)
+            if helper is not None:
+                check.named.append(helper)
+            value = nonce if helper is None else nonce + wire_address.encode(helper)
             self._request(
-                c.addr,
+                addr,
                 m.Command.CHECK_REACHABLE,
                 functools.partial(self._check_answered, nonce, check),
-                value=nonce,
+                value=value,
             )
         check.timer = self._timers.call_at(check.expires, lambda: self._check_done(nonce))
 
@@ -884,7 +921,10 @@ class DhtNode:
             self._schedule_check(self.params.reachability_recheck)
             return
         if check.forwarded and not check.inconclusive:
-            # Probes were sent and none came through: evidence of a filtering NAT.
+            # Probes were sent and none came through: evidence of a filtering NAT. The named
+            # helpers may also be gone: let the reserve take others.
+            for helper in check.named:
+                self._reserve.pop(helper, None)
             self._failed_checks += 1
             if self.reachable and self._failed_checks >= DEMOTE_AFTER_FAILED_CHECKS:
                 self._set_reachable(False)
@@ -898,7 +938,27 @@ class DhtNode:
     def _schedule_check(self, delay: float) -> None:
         self._timers.call_at(self._now + delay, self._check_reachability)
 
+    def _wants_reserve(self) -> bool:
+        return not (
+            self.reachable
+            or self.ephemeral
+            or self._closed
+            or self._fixed_public is not None
+            or self._assume_reachable
+        )
+
+    def _fill_reserve(self, referrer: Address, nodes: Iterable[Address]) -> None:
+        """Keep servers we have just heard of, and never talked to, out of our own traffic:
+        the only helpers whose probe can prove us reachable once we have talked to all others."""
+        for addr in nodes:
+            if len(self._reserve) >= PROBE_RESERVE:
+                return
+            if addr != self.public and addr not in self._reserve and addr not in self._sent_to:
+                self._reserve[addr] = referrer
+
     def _set_reachable(self, value: bool) -> None:
+        if value:
+            self._reserve.clear()
         if self.reachable != value:
             self.reachable = value
             self.events.append(("reachability_changed", {"reachable": value}))
@@ -953,9 +1013,7 @@ class DhtNode:
         expired = self.store.expire(now)
         if expired:
             self.stats["records_expired"] += expired
-        horizon = now - SENT_TO_TTL
-        while self._sent_to and next(iter(self._sent_to.values())) < horizon:
-            self._sent_to.popitem(last=False)
+        self._sent_to.expire(now)
         horizon = now - RECENT_REQUESTER_TTL
         while self._recent_requesters and next(iter(self._recent_requesters.values())) < horizon:
             self._recent_requesters.popitem(last=False)
