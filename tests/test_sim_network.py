@@ -9,6 +9,7 @@ import pytest
 
 from dhtnode.dht.ids import topic_from_name
 from dhtnode.dht.node import DhtParams
+from dhtnode.dht.sent import SENT_TO_TTL
 from dhtnode.sim.network import SimNetwork, build_network
 
 PARAMS = DhtParams(record_ttl=120.0)
@@ -121,3 +122,13 @@ def test_late_joiner_of_a_tiny_network_is_judged_right(firewalled: bool) -> None
         assert holders >= 1
         # It has talked to everyone by now: its lookups skip nobody any more.
         assert not late.node._reserve
+
+
+def test_public_nodes_of_a_three_node_network_all_serve_eventually() -> None:
+    """Two public newcomers that joined together spoil each other's probes (helping one
+    another opens each one's filter to the other); setting a contact aside until it is a
+    stranger again (SENT_TO_TTL) still proves both."""
+    net = build_network(3, seed=3, params=PARAMS, batch=2, settle=2 * SENT_TO_TTL + 120.0)
+    assert all(h.node.server for h in net.hosts.values())
+    for h in net.hosts.values():
+        assert {c.addr for c in h.node.table} == set(net.hosts) - {h.addr}

@@ -63,8 +63,12 @@ PROBE_HELPERS = 2
 #: Servers a node not yet proven reachable learns of but deliberately never sends to, so that a
 #: probe from them proves something even in a network so small that it has talked to all others.
 PROBE_RESERVE = 2
+#: Conclusively failed checks in a row after which a node stops keeping a probe reserve.
+RESERVE_GIVE_UP = 3
 #: Seconds to wait for a reachability probe after asking for one.
 PROBE_WAIT = 3.0
+#: Seconds after joining before the first reachability check (jittered like every check).
+FIRST_CHECK_DELAY = 0.5
 #: Seconds before the first retry of an unsuccessful reachability check; doubles each time.
 FIRST_CHECK_RETRY = 1.0
 #: Cap on the retry interval while still a client (a small network grows; check again soon).
@@ -288,7 +292,7 @@ class DhtNode:
             if not self._checks_started and not self.ephemeral:
                 self._checks_started = True
                 if not self._fixed_public and not self._assume_reachable:
-                    self._check_reachability()
+                    self._schedule_check(FIRST_CHECK_DELAY)
                 self._timers.call_at(self._now + self._grow_delay, self._grow_table)
             op.set_result(len(self.table))
 
@@ -448,6 +452,10 @@ class DhtNode:
     ) -> None:
         if len(self._pending) >= MAX_INFLIGHT:
             self.stats["request_backpressure"] += 1
+            on_done(None)
+            return
+        if addr in self._reserve:
+            self.stats["request_to_reserve_skipped"] += 1  # kept a stranger, as a probe helper
             on_done(None)
             return
         tid = self._next_tid()
@@ -676,10 +684,23 @@ class DhtNode:
         if not helpers:
             self._respond(req, source, error=m.ErrorCode.NOT_SERVING)
             return
+        # Answer once a helper says it sent the probe (or all declined): an asker told "sent"
+        # counts a missing probe as evidence against itself.
+        left = [len(helpers)]
+
+        def acked(resp: m.Response | None) -> None:
+            if left[0] <= 0:
+                return
+            left[0] -= 1
+            if resp is not None and resp.error is None:
+                left[0] = 0
+                self._respond(req, source)
+            elif left[0] == 0:
+                self._respond(req, source, error=m.ErrorCode.NOT_SERVING)
+
         body = wire_address.encode(source) + nonce
         for helper in helpers:
-            self._request(helper, m.Command.FORWARD_PROBE, _ignore, value=body)
-        self._respond(req, source)
+            self._request(helper, m.Command.FORWARD_PROBE, acked, value=body)
 
     def _pick_probe_helpers(self, source: Address, n: int) -> list[Address]:
         """Nodes other than ``source`` that recently sent us a request (so they accept our
@@ -697,6 +718,7 @@ class DhtNode:
             return
         if self._probes_this_tick >= MAX_PROBES_PER_TICK:
             self.stats["drop_forward_probe_rate"] += 1
+            self._respond(req, source, error=m.ErrorCode.NOT_SERVING)
             return
         try:
             target, pos = wire_address.decode(req.value)
@@ -707,11 +729,29 @@ class DhtNode:
         if len(nonce) != 16:
             self.stats["drop_malformed"] += 1
             return
+        if target in self._reserve or self._guarding_own_check():
+            # We stay silent towards our own reserved helpers; and while our own check runs,
+            # probing the target would make its probe to us (maybe on its way now) look
+            # solicited: two newcomers helping each other in step would never prove anything.
+            self.stats["forward_probe_declined"] += 1
+            self._respond(req, source, error=m.ErrorCode.NOT_SERVING)
+            return
         self._probes_this_tick += 1
         self._respond(req, source)
         probe = m.Request(m.Command.PROBE, self._rng.getrandbits(32), None, None, None, nonce)
         # Like any send, this opens our own NAT to the target: its later traffic is solicited.
         self._send(m.encode_request(probe), target)
+
+    def _guarding_own_check(self) -> bool:
+        """Is our own first verdict still open, so that helping others could spoil it? Nodes
+        behind a filtering or port-randomizing NAT (the best helpers: nobody talked to them)
+        have their verdict and help freely."""
+        return (
+            bool(self._probe_nonces)
+            and not self.reachable
+            and self._failed_checks == 0
+            and self.observer.nat_class is not NatClass.RANDOM
+        )
 
     def _on_probe(self, req: m.Request, source: Address) -> None:
         check = self._probe_nonces.get(req.value or b"")
@@ -881,12 +921,22 @@ class DhtNode:
         nonce = self._rng.randbytes(16)
         check = _PendingProbe(self._now + PROBE_WAIT)
         self._probe_nonces[nonce] = check
-        # Ask the servers that told us of our reserved helpers to use them, and fill up with
-        # random servers that pick helpers of their own.
-        for stale in [h for h in self._reserve if h in self._sent_to]:
-            del self._reserve[stale]  # contacted after all: a probe from it proves nothing
-        asks: list[tuple[Address, Address | None]] = [(r, h) for h, r in self._reserve.items()]
-        others = [c.addr for c in servers if all(c.addr != a for a, _ in asks)]
+        if not self._reserve and len(servers) >= 2 and self._wants_reserve():
+            # Nobody is left that we never talked to: set a contact aside and stay silent
+            # towards it until it is a stranger again (SENT_TO_TTL), so that even a network of
+            # three eventually proves its public nodes.
+            aside, via = self._rng.sample(servers, 2)
+            self._reserve[aside.addr] = via.addr
+        # Ask the servers that told us of our reserved helpers to use them (once those are
+        # strangers to us), and fill up with random servers that pick helpers of their own.
+        asks: list[tuple[Address, Address | None]] = [
+            (r, h) for h, r in self._reserve.items() if not self._sent_to.solicited(h)
+        ]
+        others = [
+            c.addr
+            for c in servers
+            if c.addr not in self._reserve and all(c.addr != a for a, _ in asks)
+        ]
         asks += [(a, None) for a in self._rng.sample(others, min(2 - len(asks), len(others)))]
         for addr, helper in asks[:2]:
             check.asked.append(addr)
@@ -936,9 +986,16 @@ class DhtNode:
         self._schedule_check(delay)
 
     def _schedule_check(self, delay: float) -> None:
+        # Jitter: nodes that joined together must not keep checking (and helping each other,
+        # which spoils each other's probes) in lockstep.
+        delay *= self._rng.uniform(0.75, 1.25)
         self._timers.call_at(self._now + delay, self._check_reachability)
 
     def _wants_reserve(self) -> bool:
+        if self.observer.nat_class is NatClass.RANDOM:
+            return False  # a random mapping can never serve: no check to keep helpers for
+        if self._failed_checks >= RESERVE_GIVE_UP:
+            return False  # probes keep not coming through: a filtering NAT, not a small network
         return not (
             self.reachable
             or self.ephemeral
@@ -950,8 +1007,11 @@ class DhtNode:
     def _fill_reserve(self, referrer: Address, nodes: Iterable[Address]) -> None:
         """Keep servers we have just heard of, and never talked to, out of our own traffic:
         the only helpers whose probe can prove us reachable once we have talked to all others."""
+        # One helper only until two servers have told us how they see us: classifying the
+        # NAT needs samples from several nodes, and in a 2-server network the second is both.
+        limit = PROBE_RESERVE if self.observer.sample_count >= 2 else 1
         for addr in nodes:
-            if len(self._reserve) >= PROBE_RESERVE:
+            if len(self._reserve) >= limit:
                 return
             if addr != self.public and addr not in self._reserve and addr not in self._sent_to:
                 self._reserve[addr] = referrer
@@ -966,6 +1026,8 @@ class DhtNode:
 
     def _on_address_change(self) -> None:
         self.public = self.observer.public_address
+        if self.observer.nat_class is NatClass.RANDOM:
+            self._reserve.clear()
         shown = wire_address.format_addr(self.public) if self.public else None
         self.events.append(
             (

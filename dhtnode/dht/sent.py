@@ -16,9 +16,10 @@ from dhtnode.wire.address import Address
 
 #: Addresses remembered, at most (the oldest are forgotten first).
 MAX_SENT_TO = 8192
-#: Seconds an address stays remembered: longer than UDP NAT mappings live (RFC 4787 asks for
-#: at least 120 s; Linux conntrack keeps an answered UDP flow 120 s).
-SENT_TO_TTL = 300.0
+#: Seconds an address stays remembered: longer than UDP NAT filters live. RFC 4787 asks for at
+#: least 120 s and recommends 300 s; Linux conntrack keeps an answered UDP flow 120-180 s.
+#: Twice the recommendation, because calling a filtered node reachable is the costly mistake.
+SENT_TO_TTL = 600.0
 
 
 @lru_cache(maxsize=4096)

@@ -26,6 +26,9 @@ from dhtnode.wire.address import Address
 
 T = TypeVar("T")
 
+#: Seconds a firewalled host keeps letting in a peer it sent to: RFC 4787's recommended
+#: (not minimum) UDP mapping lifetime, longer than Linux conntrack's 30/120 s.
+FIREWALL_IDLE = 300.0
 #: Wall-clock time (Unix seconds) at virtual time 0; records are signed with EPOCH + now.
 EPOCH = 1_800_000_000.0
 
@@ -36,7 +39,8 @@ class SimHost:
     addr: Address
     firewalled: bool = False
     alive: bool = True
-    contacted: set[Address] = field(default_factory=set)
+    #: Firewall state: address -> virtual time we last sent to it.
+    contacted: dict[Address, float] = field(default_factory=dict)
     timer_at: float | None = None
 
 
@@ -122,7 +126,7 @@ class SimNetwork:
                     self.dropped += 1
                 continue
             if kind == self._DELIVER:
-                if host.firewalled and source not in host.contacted:
+                if host.firewalled and when - host.contacted.get(source, -1e18) > FIREWALL_IDLE:
                     self.dropped += 1
                     continue
                 self.delivered += 1
@@ -145,7 +149,7 @@ class SimNetwork:
         node = host.node
         node.events.clear()
         for data, dest in node.datagrams_to_send():
-            host.contacted.add(dest)
+            host.contacted[dest] = self.now
             if self.loss and self.rng.random() < self.loss:
                 self.dropped += 1
                 continue
