@@ -21,6 +21,7 @@ from typing import Any
 
 from dhtnode import __version__
 from dhtnode.errors import ConfigError, DhtnodeError
+from dhtnode.wire.address import format_addr
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -257,7 +258,7 @@ def cmd_announce(args: argparse.Namespace) -> int:
                     "topic": topic.hex(),
                     "public_key": ident.public_key.hex(),
                     "stored_on": stored,
-                    "public_address": f"{pub[0]}:{pub[1]}" if pub else None,
+                    "public_address": format_addr(pub) if pub else None,
                     "keep_alive": args.keep_alive,
                 },
                 args.json,
@@ -372,9 +373,9 @@ def cmd_ping(args: argparse.Namespace) -> int:
             rtt = (time.monotonic() - t0) * 1000
         finally:
             ep.close()
-        seen = f"{resp.to[0]}:{resp.to[1]}"
+        seen = format_addr(resp.to)
         _emit(
-            {"address": f"{targets[0][0]}:{targets[0][1]}", "rtt_ms": round(rtt, 3),
+            {"address": format_addr(targets[0]), "rtt_ms": round(rtt, 3),
              "node_id": resp.id.hex() if resp.id else None, "seen_as": seen},
             args.json,
             f"{args.address}: rtt {rtt:.2f} ms, node id {resp.id.hex() if resp.id else '(client)'}"
@@ -403,7 +404,7 @@ def cmd_stun(args: argparse.Namespace) -> int:
         if not targets:
             raise DhtnodeError(f"cannot resolve {host}")
         mapped = await stun_query(targets[0], timeout=args.timeout)
-        _emit({"server": args.address, "mapped_address": f"{mapped[0]}:{mapped[1]}"},
+        _emit({"server": args.address, "mapped_address": format_addr(mapped)},
               args.json, f"mapped address: {mapped[0]}:{mapped[1]}")
         return EXIT_OK
 

@@ -301,7 +301,7 @@ class DhtNode:
 
     def find_node(self, target: bytes) -> Op[list[Address]]:
         op: Op[list[Address]] = Op()
-        lk = self._lookup(target, m.Command.FIND_NODE, None)
+        lk = self._lookup(target, m.Command.FIND_NODE, None, bypass_reserve=True)
         lk.add_done_callback(lambda o: op.set_result(o.result().closest_responded(self.params.k)))
         return op
 
@@ -314,7 +314,7 @@ class DhtNode:
             else:
                 op.set_result(resp)
 
-        self._request(addr, m.Command.PING, done, retries=self.params.retries)
+        self._request(addr, m.Command.PING, done, retries=self.params.retries, bypass_reserve=True)
         return op
 
     def lookup(self, topic: bytes) -> Op[LookupResult]:
@@ -334,7 +334,7 @@ class DhtNode:
                     found.setdefault(rec.public_key, {})[rec.seq] = rec
 
         op: Op[LookupResult] = Op()
-        lk_op = self._lookup(topic, m.Command.LOOKUP, collect)
+        lk_op = self._lookup(topic, m.Command.LOOKUP, collect, bypass_reserve=True)
 
         def finish(o: Op[Lookup]) -> None:
             lk = o.result()
@@ -413,6 +413,11 @@ class DhtNode:
             "node_id": self.node_id.hex() if self.node_id else None,
             "public_address": wire_address.format_addr(self.public) if self.public else None,
             "nat_class": self.observer.nat_class.value,
+            "public_addresses": [
+                wire_address.format_addr(a)
+                for a in ((self.public,) if self._fixed_public else self.observer.public_addresses)
+                if a is not None
+            ],
             "reachable": self.reachable,
             "server": self.server,
             "routing_table_size": len(self.table),
@@ -449,12 +454,13 @@ class DhtNode:
         value: bytes | None = None,
         retries: int = 0,
         on_slow: Callable[[], None] | None = None,
+        bypass_reserve: bool = False,
     ) -> None:
         if len(self._pending) >= MAX_INFLIGHT:
             self.stats["request_backpressure"] += 1
             on_done(None)
             return
-        if addr in self._reserve:
+        if addr in self._reserve and not bypass_reserve:
             self.stats["request_to_reserve_skipped"] += 1  # kept a stranger, as a probe helper
             on_done(None)
             return
@@ -529,8 +535,7 @@ class DhtNode:
         if req.id is not None:
             self._maybe_add(req.id, source)
         if (
-            not self.server
-            and not self.ephemeral
+            not self.ephemeral
             and req.command is not m.Command.PROBE  # judged by its nonce, in _on_probe
             and not self._sent_to.solicited(source)
         ):
@@ -548,12 +553,19 @@ class DhtNode:
 
     def _on_unsolicited_request(self, source: Address) -> None:
         """A request from an address we never sent to got through: whatever is in front of us
-        lets strangers in, which is what reachability means. While our public address is
-        unknown (the first node of a network has nobody to ask), ask the stranger."""
+        lets strangers in, which is what reachability means. While our public address in its
+        family is unknown (the first node of a network has nobody to ask), ask the stranger."""
         if not self.reachable:
             self.events.append(("reachable_by_request", {"from": wire_address.format_addr(source)}))
             self._set_reachable(True)
-        if self.public is None and self._address_pings < MAX_ADDRESS_PINGS:
+        v6 = ":" in source[0]
+        if (
+            self._fixed_public is None
+            and self._address_pings < MAX_ADDRESS_PINGS
+            and not any((":" in a[0]) is v6 for a in self.observer.public_addresses)
+        ):
+            # Our address in the stranger's family is unknown (the first node of a network, or
+            # the other family of a dual-stack node): its answer tells it.
             self._address_pings += 1
             self._request(source, m.Command.PING, _ignore)
 
@@ -704,12 +716,17 @@ class DhtNode:
 
     def _pick_probe_helpers(self, source: Address, n: int) -> list[Address]:
         """Nodes other than ``source`` that recently sent us a request (so they accept our
-        FORWARD_PROBE), preferring other IPs than the checked node's."""
+        FORWARD_PROBE), preferring other IPs than the checked node's. One proven server
+        (from our table) comes first: it always helps, so the nodes behind NATs get their
+        verdict without spending the probes of newcomers that still need their own."""
         horizon = self._now - RECENT_REQUESTER_TTL
         fresh = [a for a, t in self._recent_requesters.items() if t >= horizon and a != source]
         other_ip = [a for a in fresh if a[0] != source[0]]
         pool = other_ip if len(other_ip) >= n else fresh
-        return self._rng.sample(pool, min(n, len(pool)))
+        proven = [a for a in pool if self.table.get(a) is not None]
+        out = self._rng.sample(proven, min(1, len(proven), n))
+        rest = [a for a in pool if a not in out]
+        return out + self._rng.sample(rest, min(n - len(out), len(rest)))
 
     def _on_forward_probe(self, req: m.Request, source: Address) -> None:
         # Only nodes we use may make us send a datagram to a third party, at a bounded rate.
@@ -729,7 +746,7 @@ class DhtNode:
         if len(nonce) != 16:
             self.stats["drop_malformed"] += 1
             return
-        if target in self._reserve or self._guarding_own_check():
+        if target in self._reserve or self._guarding_own_check(target):
             # We stay silent towards our own reserved helpers; and while our own check runs,
             # probing the target would make its probe to us (maybe on its way now) look
             # solicited: two newcomers helping each other in step would never prove anything.
@@ -737,21 +754,29 @@ class DhtNode:
             self._respond(req, source, error=m.ErrorCode.NOT_SERVING)
             return
         self._probes_this_tick += 1
+        self.stats["forward_probe_sent"] += 1
         self._respond(req, source)
         probe = m.Request(m.Command.PROBE, self._rng.getrandbits(32), None, None, None, nonce)
         # Like any send, this opens our own NAT to the target: its later traffic is solicited.
         self._send(m.encode_request(probe), target)
 
-    def _guarding_own_check(self) -> bool:
-        """Is our own first verdict still open, so that helping others could spoil it? Nodes
-        behind a filtering or port-randomizing NAT (the best helpers: nobody talked to them)
-        have their verdict and help freely."""
-        return (
-            bool(self._probe_nonces)
-            and not self.reachable
-            and self._failed_checks == 0
-            and self.observer.nat_class is not NatClass.RANDOM
-        )
+    def _guarding_own_check(self, target: Address) -> bool:
+        """Would probing ``target`` cost us a helper our own open verdict may need?
+
+        Only a target we never sent to can still prove us reachable, so only those are worth
+        guarding, and only while we are unproven: always while our own check waits for its
+        probe, and every other time at random (so that two newcomers asking each other for
+        help neither both refuse nor both spoil each other). Nodes behind a filtering or
+        port-randomizing NAT have their verdict and help freely: they are the best helpers,
+        since nobody has talked to them."""
+        if (
+            self.reachable
+            or self._failed_checks > 0
+            or self.observer.nat_class is NatClass.RANDOM
+            or self._sent_to.solicited(target)
+        ):
+            return False
+        return bool(self._probe_nonces) or self._rng.random() < 0.5
 
     def _on_probe(self, req: m.Request, source: Address) -> None:
         check = self._probe_nonces.get(req.value or b"")
@@ -759,7 +784,9 @@ class DhtNode:
             self.stats["drop_probe"] += 1
             return
         if self._sent_to.solicited(source):
-            self.stats["probe_solicited"] += 1  # inconclusive: our NAT may have let it in
+            # Inconclusive: our own traffic may have opened our NAT to it.
+            self.stats["probe_solicited"] += 1
+            self.events.append(("probe_inconclusive", {"from": wire_address.format_addr(source)}))
             check.inconclusive = True
             return
         check.succeeded = True
@@ -785,7 +812,10 @@ class DhtNode:
         on_reply: Callable[[Address, m.Response], None] | None,
         *,
         extra: Iterable[Address] = (),
+        bypass_reserve: bool = False,
     ) -> Op[Lookup]:
+        """An iterative lookup. Maintenance lookups leave the probe reserve alone; a user's
+        lookup, announce or unannounce (``bypass_reserve``) may not lose storers to it."""
         exclude = {self.public} if self.public else set()
         lk = Lookup(target, k=self.params.k, alpha=self.params.alpha, exclude=exclude)
         lk.add_candidates(c.addr for c in self.table.closest(target, self.params.k))
@@ -802,7 +832,7 @@ class DhtNode:
             while skipped:
                 skipped = False
                 for addr in lk.next_queries():
-                    if addr in self._reserve:
+                    if addr in self._reserve and not bypass_reserve:
                         lk.on_failure(addr)  # kept untouched as a probe helper
                         skipped = True
                         continue
@@ -812,6 +842,7 @@ class DhtNode:
                         functools.partial(answered, addr),
                         target=target,
                         on_slow=functools.partial(slow, addr),
+                        bypass_reserve=bypass_reserve,
                     )
             if lk.done:
                 op.set_result(lk)
@@ -843,6 +874,10 @@ class DhtNode:
         out: list[tuple[AddressKind, Address]] = []
         if self.public is not None:
             out.append((AddressKind.DIRECT, self.public))
+        # A dual-stack node is also reachable (or punchable) at its other family's address.
+        out.extend(
+            (AddressKind.DIRECT, a) for a in self.observer.public_addresses if a != self.public
+        )
         out.extend((AddressKind.RELAY, a) for a in storers[:3])
         return tuple(out)
 
@@ -854,7 +889,7 @@ class DhtNode:
                 tokens[addr] = resp.token
 
         op: Op[int] = Op()
-        lk_op = self._lookup(topic, m.Command.LOOKUP, collect)
+        lk_op = self._lookup(topic, m.Command.LOOKUP, collect, bypass_reserve=True)
 
         def store(o: Op[Lookup]) -> None:
             lk = o.result()
@@ -898,7 +933,7 @@ class DhtNode:
             for a in storers:
                 self._request(
                     a, command, acked, target=topic, token=tokens[a], value=value,
-                    retries=self.params.retries,
+                    retries=self.params.retries, bypass_reserve=True,
                 )
 
         lk_op.add_done_callback(store)
@@ -915,8 +950,11 @@ class DhtNode:
         if self._closed or self._fixed_public is not None or self._assume_reachable:
             return
         servers = list(self.table)
-        if not servers:
+        if not servers or self.observer.nat_class is NatClass.RANDOM:
+            # A port-randomizing NAT can never serve, whatever a probe says: asking would only
+            # spend other newcomers' helpers. Look again later (the mapping may change).
             self._schedule_check(self._check_backoff)
+            self._check_backoff = min(self._check_backoff * 2, MAX_CHECK_RETRY)
             return
         nonce = self._rng.randbytes(16)
         check = _PendingProbe(self._now + PROBE_WAIT)

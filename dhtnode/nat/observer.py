@@ -33,41 +33,70 @@ class NatClass(enum.Enum):
     RANDOM = "random"
 
 
+def _family(addr: Address) -> int:
+    return 6 if ":" in addr[0] else 4
+
+
 class AddressObserver:
+    """Samples per address family: a dual-stack node has one public address per family, and
+    two of them are not a NAT handing out different ports. The *primary* family is IPv4 when
+    any IPv4 sample exists (it reaches more of the network), else IPv6; ``public_address``,
+    ``nat_class`` and ``sample_count`` describe the primary family."""
+
     def __init__(self) -> None:
-        self._samples: OrderedDict[Address, Address] = OrderedDict()
+        self._samples: dict[int, OrderedDict[Address, Address]] = {
+            4: OrderedDict(),
+            6: OrderedDict(),
+        }
 
     def add(self, responder: Address, seen_as: Address) -> bool:
-        """Record one sample; True if the public address or NAT class changed."""
-        before = (self.public_address, self.nat_class)
-        self._samples[responder] = seen_as
-        self._samples.move_to_end(responder)
-        while len(self._samples) > MAX_SAMPLES:
-            self._samples.popitem(last=False)
-        return (self.public_address, self.nat_class) != before
+        """Record one sample; True if the public addresses or the NAT class changed."""
+        before = (self.public_addresses, self.nat_class)
+        samples = self._samples[_family(seen_as)]
+        samples[responder] = seen_as
+        samples.move_to_end(responder)
+        while len(samples) > MAX_SAMPLES:
+            samples.popitem(last=False)
+        return (self.public_addresses, self.nat_class) != before
 
     def clear(self) -> None:
-        self._samples.clear()
+        for samples in self._samples.values():
+            samples.clear()
+
+    def _primary(self) -> OrderedDict[Address, Address]:
+        return self._samples[4] if self._samples[4] else self._samples[6]
 
     @property
     def sample_count(self) -> int:
-        return len(self._samples)
+        return len(self._primary())
 
     @property
     def public_address(self) -> Address | None:
-        if not self._samples:
-            return None
-        (addr, n), *_ = Counter(self._samples.values()).most_common(1)
-        if n >= 2 or len(self._samples) == 1:
-            return addr
-        return None
+        return _agreed(self._primary())
+
+    @property
+    def public_addresses(self) -> tuple[Address, ...]:
+        """Every family's agreed public address, the primary family's first."""
+        out = [a for a in (_agreed(self._samples[4]), _agreed(self._samples[6])) if a]
+        return tuple(out)
 
     @property
     def nat_class(self) -> NatClass:
-        if len(self._samples) < 2:
+        samples = self._primary()
+        if len(samples) < 2:
             return NatClass.UNKNOWN
-        counts = Counter(self._samples.values())
+        counts = Counter(samples.values())
         top = counts.most_common(1)[0][1]
-        if top / len(self._samples) >= CONSISTENT_SHARE:
+        if top / len(samples) >= CONSISTENT_SHARE:
             return NatClass.CONSISTENT
         return NatClass.RANDOM
+
+
+def _agreed(samples: OrderedDict[Address, Address]) -> Address | None:
+    """The address most responders agree on: two agreeing samples, or the only one."""
+    if not samples:
+        return None
+    (addr, n), *_ = Counter(samples.values()).most_common(1)
+    if n >= 2 or len(samples) == 1:
+        return addr
+    return None

@@ -23,7 +23,7 @@ import structlog
 from dhtnode.dht.node import DhtNode
 from dhtnode.dht.op import Op
 from dhtnode.errors import DhtnodeError
-from dhtnode.wire.address import Address, normalize
+from dhtnode.wire.address import Address, format_addr, normalize
 
 T = TypeVar("T")
 
@@ -124,8 +124,18 @@ class NodeEndpoint(asyncio.DatagramProtocol):
         except ValueError:
             self.node.stats["drop_bad_source"] += 1
             return
-        if not self.node.receive(data, source, time.monotonic()) and self._on_other:
-            self._on_other(data, source)
+        try:
+            if not self.node.receive(data, source, time.monotonic()):
+                if self._on_other is not None:
+                    self._on_other(data, source)
+                else:
+                    self.node.stats["drop_no_handler"] += 1  # QUIC/punch/relay not wired yet
+        except Exception:
+            # The engine counts every bad input it knows of; reaching here is a bug of ours.
+            # Keep serving everyone else and leave a trace, rather than let one datagram stop
+            # the node.
+            self.node.stats["receive_error"] += 1
+            log.exception("receive_failed", source=format_addr(source), size=len(data))
         self._service()
 
     def error_received(self, exc: Exception) -> None:
