@@ -33,7 +33,7 @@ def default_state_dir() -> Path:
 @dataclass(frozen=True)
 class NodeConfig:
     #: Address to bind. "0.0.0.0" = all IPv4; "::" = dual-stack IPv6 + IPv4 where supported.
-    host: str = "0.0.0.0"
+    host: str = "::"
     #: UDP port (0 = any free port).
     port: int = DEFAULT_PORT
     #: Nodes to join through, as (host, port).
