@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dhtnode.wire import address as wire_address
 from dhtnode.wire import messages as m
 
 addresses = st.one_of(
@@ -45,6 +46,19 @@ def test_request_round_trip(cmd, tid, rid, target, token, value) -> None:  # typ
 def test_response_round_trip(cmd, tid, to, rid, token, nodes, error, value) -> None:  # type: ignore[no-untyped-def]
     res = m.Response(cmd, tid, to, rid, token, nodes, error, value)
     assert m.decode(m.encode_response(res)) == res
+
+
+@given(
+    commands,
+    st.integers(0, 2**32 - 1),
+    addresses,
+    st.none() | keys,
+    st.lists(addresses, max_size=20),
+)
+def test_fast_nodes_encoder_matches_the_general_one(cmd, tid, to, rid, nodes) -> None:  # type: ignore[no-untyped-def]
+    packed = [wire_address.encode(a) for a in nodes]
+    fast = m.encode_nodes_response(cmd, tid, to, rid, packed)
+    assert fast == m.encode_response(m.Response(cmd, tid, to, rid, None, tuple(nodes)))
 
 
 @given(st.binary(max_size=2000))

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from dhtnode.dht.ids import bucket_index, distance, node_id_for
-from dhtnode.dht.routing import RoutingTable
+from dhtnode.dht.routing import SMALL_TABLE, RoutingTable
 
 
 def addr(i: int) -> tuple[str, int]:
     return (f"198.51.100.{i % 250 + 1}", 1000 + i)
 
 
-def test_closest_matches_brute_force() -> None:
+@pytest.mark.parametrize("offered", [30, 3000])  # ranked whole, and by the bucket walk
+def test_closest_matches_brute_force(offered: int) -> None:
     rng = random.Random(3)
     table = RoutingTable(rng.randbytes(32), k=20)
-    for i in range(600):
+    for i in range(offered):
         a = addr(i)
         table.add(node_id_for(a), a, 0.0)
     everyone = list(table)
+    assert (len(everyone) <= SMALL_TABLE) is (offered == 30), len(everyone)
     for _ in range(50):
         target = rng.randbytes(32)
         got = [c.addr for c in table.closest(target, 20)]

@@ -39,7 +39,7 @@ from dhtnode.dht.records import (
     sign_record,
     sign_withdrawal,
 )
-from dhtnode.dht.routing import RoutingTable
+from dhtnode.dht.routing import Contact, RoutingTable
 from dhtnode.dht.sent import SentMemory
 from dhtnode.dht.store import PutResult, RecordStore
 from dhtnode.dht.timers import Timer, TimerQueue
@@ -572,21 +572,27 @@ class DhtNode:
     def _on_ping(self, req: m.Request, source: Address) -> None:
         self._respond(req, source)
 
-    def _closer_nodes(self, target: bytes, source: Address) -> tuple[Address, ...]:
+    def _closer_contacts(self, target: bytes, source: Address) -> list[Contact]:
         # Only the requester's address family: it may have no route to the other one.
         v6 = ":" in source[0]
         out = [
-            c.addr
+            c
             for c in self.table.closest(target, self.params.k + 1)
             if (":" in c.addr[0]) is v6 and c.addr != source
         ]
-        return tuple(out[: self.params.k])
+        return out[: self.params.k]
+
+    def _closer_nodes(self, target: bytes, source: Address) -> tuple[Address, ...]:
+        return tuple(c.addr for c in self._closer_contacts(target, source))
 
     def _on_find_node(self, req: m.Request, source: Address) -> None:
         if req.target is None:
             self._respond(req, source, error=m.ErrorCode.MISSING_FIELD)
             return
-        self._respond(req, source, nodes=self._closer_nodes(req.target, source))
+        packed = [c.packed for c in self._closer_contacts(req.target, source)]
+        self._send(
+            m.encode_nodes_response(req.command, req.tid, source, self.node_id, packed), source
+        )
 
     def _on_lookup(self, req: m.Request, source: Address) -> None:
         if req.target is None:

@@ -20,8 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dhtnode.dht.ids import ID_BITS, ID_LEN, bucket_index
+from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
 
+#: Tables up to this size answer ``closest`` by ranking every contact (measured faster than the
+#: bucket walk up to about 130 contacts with k = 20: 5.9 vs 8.2 µs at 35 contacts).
+SMALL_TABLE = 128
 #: Consecutive failed requests after which a contact is dropped even with no replacement.
 MAX_FAILURES = 2
 
@@ -33,6 +37,8 @@ class Contact:
     addr: Address
     last_seen: float
     failures: int = 0
+    #: The address in compact wire form, kept because every FIND_NODE answer sends ~20.
+    packed: bytes = b""
 
 
 class RoutingTable:
@@ -78,7 +84,7 @@ class RoutingTable:
             known.failures = 0
             bucket.move_to_end(key)
             return None
-        contact = Contact(node_id, key, addr, now)
+        contact = Contact(node_id, key, addr, now, 0, wire_address.encode(addr))
         if len(bucket) < self.k:
             self._place(i, contact)
             return None
@@ -115,6 +121,11 @@ class RoutingTable:
     def closest(self, target: bytes, n: int) -> list[Contact]:
         """The ``n`` contacts nearest ``target`` by XOR distance, nearest first."""
         t = int.from_bytes(target, "big")
+        if len(self._by_addr) <= SMALL_TABLE:
+            # Ranking every contact beats walking buckets until the table is a few k large.
+            ranked = [(c.key ^ t, c) for c in self._by_addr.values()]
+            ranked.sort()
+            return [c for _, c in ranked[:n]]
         b = bucket_index(self._local, t) if t != self._local else ID_BITS - 1
         picked: list[Contact] = list(self._buckets[b].values())
         # Every contact in bucket b is nearer the target than any in a deeper bucket, and those
@@ -129,8 +140,11 @@ class RoutingTable:
             while len(picked) < n and i >= 0:
                 picked.extend(self._buckets[occ[i]].values())
                 i -= 1
-        picked.sort(key=lambda c: c.key ^ t)
-        return picked[:n]
+        # Decorated sort: ids are distinct, so the Contact is never compared; no key function
+        # call per element (this is the hot path of every FIND_NODE answer).
+        ranked = [(c.key ^ t, c) for c in picked]
+        ranked.sort()
+        return [c for _, c in ranked[:n]]
 
     def stale_buckets(self, now: float, interval: float) -> list[int]:
         """Indices of buckets worth refreshing: not touched in ``interval`` and not beyond the

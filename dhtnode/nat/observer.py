@@ -41,13 +41,19 @@ class AddressObserver:
     """Samples per address family: a dual-stack node has one public address per family, and
     two of them are not a NAT handing out different ports. The *primary* family is IPv4 when
     any IPv4 sample exists (it reaches more of the network), else IPv6; ``public_address``,
-    ``nat_class`` and ``sample_count`` describe the primary family."""
+    ``nat_class`` and ``sample_count`` describe the primary family. The verdicts are
+    recomputed on each sample, not on each read: a server reads them per request."""
 
     def __init__(self) -> None:
         self._samples: dict[int, OrderedDict[Address, Address]] = {
             4: OrderedDict(),
             6: OrderedDict(),
         }
+        self.public_address: Address | None = None
+        #: Every family's agreed public address, the primary family's first.
+        self.public_addresses: tuple[Address, ...] = ()
+        self.nat_class = NatClass.UNKNOWN
+        self.sample_count = 0
 
     def add(self, responder: Address, seen_as: Address) -> bool:
         """Record one sample; True if the public addresses or the NAT class changed."""
@@ -57,39 +63,26 @@ class AddressObserver:
         samples.move_to_end(responder)
         while len(samples) > MAX_SAMPLES:
             samples.popitem(last=False)
+        self._recompute()
         return (self.public_addresses, self.nat_class) != before
 
     def clear(self) -> None:
         for samples in self._samples.values():
             samples.clear()
+        self._recompute()
 
-    def _primary(self) -> OrderedDict[Address, Address]:
-        return self._samples[4] if self._samples[4] else self._samples[6]
-
-    @property
-    def sample_count(self) -> int:
-        return len(self._primary())
-
-    @property
-    def public_address(self) -> Address | None:
-        return _agreed(self._primary())
-
-    @property
-    def public_addresses(self) -> tuple[Address, ...]:
-        """Every family's agreed public address, the primary family's first."""
-        out = [a for a in (_agreed(self._samples[4]), _agreed(self._samples[6])) if a]
-        return tuple(out)
-
-    @property
-    def nat_class(self) -> NatClass:
-        samples = self._primary()
-        if len(samples) < 2:
-            return NatClass.UNKNOWN
-        counts = Counter(samples.values())
-        top = counts.most_common(1)[0][1]
-        if top / len(samples) >= CONSISTENT_SHARE:
-            return NatClass.CONSISTENT
-        return NatClass.RANDOM
+    def _recompute(self) -> None:
+        primary = self._samples[4] if self._samples[4] else self._samples[6]
+        self.sample_count = len(primary)
+        self.public_address = _agreed(primary)
+        agreed = (_agreed(self._samples[4]), _agreed(self._samples[6]))
+        self.public_addresses = tuple(a for a in agreed if a is not None)
+        if len(primary) < 2:
+            self.nat_class = NatClass.UNKNOWN
+        else:
+            top = Counter(primary.values()).most_common(1)[0][1]
+            share = top / len(primary)
+            self.nat_class = NatClass.CONSISTENT if share >= CONSISTENT_SHARE else NatClass.RANDOM
 
 
 def _agreed(samples: OrderedDict[Address, Address]) -> Address | None:
