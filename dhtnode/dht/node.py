@@ -573,14 +573,18 @@ class DhtNode:
         self._respond(req, source)
 
     def _closer_contacts(self, target: bytes, source: Address) -> list[Contact]:
-        # Only the requester's address family: it may have no route to the other one.
+        # Only the requester's address family (it may have no route to the other one), and
+        # never the requester itself. Asking the table for exactly k first matters: k nearest
+        # usually sit in one full bucket, k + 1 makes it rank every deeper bucket too.
+        k = self.params.k
         v6 = ":" in source[0]
-        out = [
-            c
-            for c in self.table.closest(target, self.params.k + 1)
-            if (":" in c.addr[0]) is v6 and c.addr != source
-        ]
-        return out[: self.params.k]
+        want = k
+        while True:
+            near = self.table.closest(target, want)
+            out = [c for c in near if (":" in c.addr[0]) is v6 and c.addr != source]
+            if len(out) >= k or len(near) < want:
+                return out[:k]
+            want *= 2
 
     def _closer_nodes(self, target: bytes, source: Address) -> tuple[Address, ...]:
         return tuple(c.addr for c in self._closer_contacts(target, source))
