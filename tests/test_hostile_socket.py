@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 from dhtnode.daemon import control
 from dhtnode.wire import messages as m
+from tests.daemon import running_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -40,31 +40,9 @@ def dual_stack_node(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     if not _has_ipv6_loopback():
         pytest.skip("no IPv6 loopback on this machine")
     state = tmp_path / "node"
-    log = tmp_path / "node.log"
-    with log.open("w") as f:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "dhtnode", "run", "--state-dir", str(state), "--host", "::",
-             "--port", "0", "--bootstrap-node", "--log-format", "json"],
-            stderr=f, stdout=subprocess.DEVNULL,
-        )
-    try:
-        port = None
-        deadline = time.monotonic() + 15
-        while port is None and time.monotonic() < deadline and p.poll() is None:
-            for line in log.read_text().splitlines():
-                if '"node_started"' in line:
-                    port = int(json.loads(line)["bind"].rsplit(":", 1)[1])
-            time.sleep(0.05)
-        assert port is not None, log.read_text()
+    with running_daemon(state, "--host", "::", "--bootstrap-node") as port:
         yield port, state
-    finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        assert "receive_failed" not in log.read_text()
+    assert "receive_failed" not in (state / "log").read_text()
 
 
 def _storm(rng: random.Random, valid: bytes) -> Iterator[bytes]:

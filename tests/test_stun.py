@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +16,7 @@ from hypothesis import strategies as st
 
 from dhtnode.nat.reflector import AMPLIFICATION_SLACK, MAX_AMPLIFICATION, answer_binding
 from dhtnode.wire import stun
+from tests.daemon import running_daemon
 
 # RFC 5769 2.2 / 2.3: Binding success responses (IPv4 / IPv6) with XOR-MAPPED-ADDRESS.
 RFC5769_V4 = bytes.fromhex(
@@ -114,31 +113,8 @@ def test_mutated_valid_requests(data: st.DataObject) -> None:
 @pytest.fixture(scope="module")
 def running_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A real `dhtnode run` on 127.0.0.1; yields its UDP port."""
-    state = tmp_path_factory.mktemp("stun-node")
-    log = state / "log"
-    with log.open("wb") as f:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "dhtnode", "run", "--state-dir", str(state), "--host",
-             "127.0.0.1", "--port", "0", "--log-format", "json"],
-            stderr=f, stdout=subprocess.DEVNULL,
-        )
-    try:
-        port = None
-        deadline = time.monotonic() + 10
-        while port is None and time.monotonic() < deadline and p.poll() is None:
-            for line in log.read_text().splitlines():
-                if '"node_started"' in line:
-                    port = int(json.loads(line)["bind"].rsplit(":", 1)[1])
-            time.sleep(0.05)
-        assert port is not None, log.read_text()
+    with running_daemon(tmp_path_factory.mktemp("stun-node"), "--host", "127.0.0.1") as port:
         yield port
-    finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 @pytest.mark.slow

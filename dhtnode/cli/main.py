@@ -281,11 +281,15 @@ def cmd_announce(args: argparse.Namespace) -> int:
                     gone = await asyncio.wait_for(c.endpoint.run(lambda n: n.close()), 5.0)
                 except (TimeoutError, DhtnodeError):
                     gone = 0
-                _emit({"event": "unannounced", "topic": topic.hex(), "withdrawn_from": gone},
-                      args.json, f"withdrew {topic.hex()} from {gone} nodes")
+                _emit_unannounced(args, topic, gone)
             return EXIT_OK
 
     return _run_async(main())
+
+
+def _emit_unannounced(args: argparse.Namespace, topic: bytes, gone: int) -> None:
+    _emit({"event": "unannounced", "topic": topic.hex(), "withdrawn_from": gone},
+          args.json, f"withdrew {topic.hex()} from {gone} nodes")
 
 
 def cmd_unannounce(args: argparse.Namespace) -> int:
@@ -307,8 +311,7 @@ def cmd_unannounce(args: argparse.Namespace) -> int:
         seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
         async with client_node(cfg, identity=ident, bootstrap=seeds) as c:
             gone = await c.endpoint.run(lambda n: n.unannounce(topic))
-        _emit({"event": "unannounced", "topic": topic.hex(), "withdrawn_from": gone},
-              args.json, f"withdrew {topic.hex()} from {gone} nodes")
+        _emit_unannounced(args, topic, gone)
         return EXIT_OK
 
     return _run_async(main())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from dhtnode.dht.node import DhtParams
 from dhtnode.errors import ConfigError
 from dhtnode.wire.address import parse_host_port
 
@@ -54,28 +55,32 @@ class LogConfig:
     format: str = "auto"
 
 
+#: The engine's own defaults: the config file's defaults are these, not a second copy.
+_ENGINE = DhtParams()
+
+
 @dataclass(frozen=True)
 class DhtConfig:
     #: Bucket size and replication factor.
-    k: int = 20
+    k: int = _ENGINE.k
     #: Lookup requests kept in flight.
-    alpha: int = 3
+    alpha: int = _ENGINE.alpha
     #: Seconds before an unanswered request fails.
-    request_timeout: float = 1.0
+    request_timeout: float = _ENGINE.request_timeout
     #: Seconds after which an untouched bucket is refreshed.
-    bucket_refresh: float = 900.0
+    bucket_refresh: float = _ENGINE.bucket_refresh
 
 
 @dataclass(frozen=True)
 class RecordsConfig:
     #: Seconds a stored record lives without a refresh (announcers refresh at ~0.45 x ttl).
-    ttl: float = 1200.0
+    ttl: float = _ENGINE.record_ttl
     #: Records this node stores in total.
-    max_total: int = 65536
+    max_total: int = _ENGINE.max_records
     #: Records per topic.
-    max_per_topic: int = 32
+    max_per_topic: int = _ENGINE.max_records_per_topic
     #: Records per announcing IP address.
-    max_per_ip: int = 128
+    max_per_ip: int = _ENGINE.max_records_per_ip
 
 
 @dataclass(frozen=True)

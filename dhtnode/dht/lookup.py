@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from dhtnode.dht.ids import node_id_for
@@ -76,6 +76,18 @@ class Lookup:
         out: list[Address] = []
         if self.inflight >= self.alpha:
             return out
+        for p in self._nearest_live():
+            if p.state is PeerState.CANDIDATE:
+                p.state = PeerState.INFLIGHT
+                self.inflight += 1
+                self.queried += 1
+                out.append(p.addr)
+                if self.inflight >= self.alpha:
+                    break
+        return out
+
+    def _nearest_live(self) -> Iterator[LookupPeer]:
+        """The k nearest peers that have not failed, nearest first."""
         live = 0
         for _, addr in self._order:
             p = self._peers[addr]
@@ -83,15 +95,8 @@ class Lookup:
                 continue
             live += 1
             if live > self.k:
-                break
-            if p.state is PeerState.CANDIDATE:
-                p.state = PeerState.INFLIGHT
-                self.inflight += 1
-                self.queried += 1
-                out.append(addr)
-                if self.inflight >= self.alpha:
-                    break
-        return out
+                return
+            yield p
 
     def _settle(self, addr: Address, new: PeerState) -> bool:
         p = self._peers.get(addr)
@@ -120,17 +125,7 @@ class Lookup:
     def done(self) -> bool:
         """True once the k nearest candidates that have not failed have all answered
         (or no candidate is left). Answers still in flight further out cannot matter."""
-        live = 0
-        for _, addr in self._order:
-            p = self._peers[addr]
-            if p.state is PeerState.FAILED:
-                continue
-            live += 1
-            if live > self.k:
-                break
-            if p.state is not PeerState.RESPONDED:
-                return False
-        return True
+        return all(p.state is PeerState.RESPONDED for p in self._nearest_live())
 
     @property
     def hops(self) -> int:
