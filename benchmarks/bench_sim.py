@@ -6,7 +6,10 @@ the nearest answering node), requests sent, virtual time, whether the announced 
 found and whether the exact k nearest serving nodes were reached. Baseline for hops:
 log2(N / k), Kademlia's expected depth.
 
-Environment: SIM_NODES (default 2000), SIM_LOOKUPS (200), SIM_LOSS (0.0).
+Two scenarios: every node public with no loss; then 30% of the nodes behind filtering NATs
+(clients that must never serve) and 2% datagram loss.
+
+Environment: SIM_NODES (default 2000), SIM_LOOKUPS (200).
 """
 
 from __future__ import annotations
@@ -23,17 +26,27 @@ from dhtnode.sim.network import build_network
 
 N = int(os.environ.get("SIM_NODES", "2000"))
 LOOKUPS = int(os.environ.get("SIM_LOOKUPS", "200"))
-LOSS = float(os.environ.get("SIM_LOSS", "0.0"))
+SCENARIOS = ((0.0, 0.0), (0.3, 0.02))  # (share behind filtering NATs, datagram loss)
 
 
 def main() -> None:
+    for firewalled, loss in SCENARIOS:
+        scenario(firewalled, loss)
+        print()
+
+
+def scenario(firewalled: float, loss: float) -> None:
     t0 = time.perf_counter()
     params = DhtParams()
-    net = build_network(N, seed=42, params=params, batch=100, settle=30.0)
-    net.loss = LOSS
+    net = build_network(
+        N, seed=42, params=params, batch=100, settle=30.0, firewalled_share=firewalled
+    )
+    net.loss = loss
     build_s = time.perf_counter() - t0
     hosts = list(net.hosts.values())
     servers = [h for h in hosts if h.node.server]
+    walled = [h for h in hosts if h.firewalled]
+    open_hosts = [h for h in hosts if not h.firewalled]
     rng = random.Random(1)
     topics = [topic_from_name(f"bench-{i}") for i in range(LOOKUPS // 10 or 1)]
     announcers = rng.sample(hosts, len(topics))
@@ -60,8 +73,12 @@ def main() -> None:
         )[: params.k]
         exact += res.closest[:1] == truth[:1]
     lookup_s = time.perf_counter() - t1
-    print(f"# simulated network: {N} nodes ({len(servers)} serving), k={params.k}, "
-          f"alpha={params.alpha}, loss={LOSS:.0%}")
+    print(f"# simulated network: {N} nodes, {len(walled)} behind filtering NATs, "
+          f"k={params.k}, alpha={params.alpha}, loss={loss:.0%}")
+    print(f"public nodes serving        {sum(h.node.server for h in open_hosts):8d} "
+          f"of {len(open_hosts)}")
+    print(f"NATed nodes serving         {sum(h.node.server for h in walled):8d} "
+          f"of {len(walled)}   (must be 0)")
     print(f"build+settle wall time      {build_s:8.1f} s   ({net.delivered} datagrams)")
     print(f"lookups                     {LOOKUPS:8d}      ({lookup_s:.1f} s wall)")
     print(f"success (record found)      {found / LOOKUPS:8.1%}")
