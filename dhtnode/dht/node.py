@@ -474,7 +474,21 @@ class DhtNode:
             self._now + self.params.request_timeout, lambda: self._on_timeout(tid)
         )
         if on_slow is not None:
-            p.slow_timer = self._timers.call_at(self._now + self.params.slow_after, on_slow)
+            p.slow_timer = self._timers.call_at(
+                self._now + self.params.slow_after, lambda: self._on_slow(tid, on_slow)
+            )
+
+    def _on_slow(self, tid: int, on_slow: Callable[[], None]) -> None:
+        """A lookup request unanswered after ``slow_after``: it stops counting against alpha,
+        and is sent once more, because on a lossy path it is far more likely lost than slow,
+        and a lookup cannot finish while one of its k nearest is still owed an answer."""
+        p = self._pending.get(tid)
+        if p is None:
+            return
+        p.slow_timer = None
+        self.stats["retransmit_slow"] += 1
+        self._send(p.datagram, p.addr)
+        on_slow()
 
     def _on_timeout(self, tid: int) -> None:
         p = self._pending.get(tid)
