@@ -852,22 +852,17 @@ class DhtNode:
         def pump() -> None:
             if op.done:
                 return
-            skipped = True
-            while skipped:
-                skipped = False
-                for addr in lk.next_queries():
-                    if addr in self._reserve and not bypass_reserve:
-                        lk.on_failure(addr)  # kept untouched as a probe helper
-                        skipped = True
-                        continue
-                    self._request(
-                        addr,
-                        command,
-                        functools.partial(answered, addr),
-                        target=target,
-                        on_slow=functools.partial(slow, addr),
-                        bypass_reserve=bypass_reserve,
-                    )
+            for addr in lk.next_queries():
+                # A request to a reserved probe helper fails at once (answered(None)), which
+                # pumps the next candidate.
+                self._request(
+                    addr,
+                    command,
+                    functools.partial(answered, addr),
+                    target=target,
+                    on_slow=functools.partial(slow, addr),
+                    bypass_reserve=bypass_reserve,
+                )
             if lk.done:
                 op.set_result(lk)
 
