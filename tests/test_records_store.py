@@ -75,7 +75,7 @@ def test_newer_seq_replaces_and_replay_is_refused() -> None:
     assert s.put(TOPIC, old, "198.51.100.1", 0.0, WALL) is PutResult.STALE
     assert s.put(TOPIC, new, "198.51.100.1", 0.0, WALL) is PutResult.REPLACED
     assert s.put(TOPIC, old, "198.51.100.1", 0.0, WALL) is PutResult.STALE
-    assert s.get(TOPIC, 0.0, 10) == [new]
+    assert s.get(TOPIC, 0.0) == [new]
     assert len(s) == 1
 
 
@@ -86,7 +86,7 @@ def test_withdrawal_removes_and_blocks_replay() -> None:
     w = sign_withdrawal(ident(1), TOPIC, seq(1))
     assert w.verify(TOPIC)
     assert s.withdraw(TOPIC, w, 1.0, WALL + 1)
-    assert s.get(TOPIC, 1.0, 10) == []
+    assert s.get(TOPIC, 1.0) == []
     assert s.put(TOPIC, rec, "198.51.100.1", 2.0, WALL + 2) is PutResult.STALE
     newer = sign_record(ident(1), TOPIC, seq(3), ADDRS)
     assert s.put(TOPIC, newer, "198.51.100.1", 3.0, WALL + 3) is PutResult.STORED
@@ -107,7 +107,7 @@ def test_expiry_after_ttl() -> None:
     s.put(TOPIC, sign_record(ident(1), TOPIC, seq(), ADDRS), "198.51.100.1", 0.0, WALL)
     assert s.expire(99.0) == 0 and len(s) == 1
     assert s.expire(100.0) == 1 and len(s) == 0
-    assert s.get(TOPIC, 100.0, 10) == []
+    assert s.get(TOPIC, 100.0) == []
 
 
 def test_per_ip_cap_refuses_and_per_topic_cap_evicts_oldest() -> None:
@@ -119,7 +119,7 @@ def test_per_ip_cap_refuses_and_per_topic_cap_evicts_oldest() -> None:
     assert s.put(TOPIC, sign_record(ident(9), TOPIC, seq(), ()), "a", 5.0, WALL) is PutResult.FULL
     s.put(TOPIC, sign_record(ident(3), TOPIC, seq(), ()), "b", 3.0, WALL)
     s.put(TOPIC, sign_record(ident(4), TOPIC, seq(), ()), "c", 4.0, WALL)
-    keys = {r.public_key for r in s.get(TOPIC, 4.0, 10)}
+    keys = {r.public_key for r in s.get(TOPIC, 4.0)}
     assert ident(0).public_key not in keys  # the one that expires first went
     assert len(keys) == 3
 
@@ -130,7 +130,7 @@ def test_total_cap_evicts_earliest_expiring() -> None:
     for i, t in enumerate(topics):
         s.put(t, sign_record(ident(i), t, seq(), ()), f"ip{i}", float(i), WALL)
     assert len(s) == 3
-    assert s.get(topics[0], 4.0, 10) == []
+    assert s.get(topics[0], 4.0) == []
 
 
 @pytest.mark.parametrize("n", [0, 1, 8])

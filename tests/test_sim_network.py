@@ -132,3 +132,19 @@ def test_public_nodes_of_a_three_node_network_all_serve_eventually() -> None:
     assert all(h.node.server for h in net.hosts.values())
     for h in net.hosts.values():
         assert {c.addr for c in h.node.table} == set(net.hosts) - {h.addr}
+
+
+def test_a_busy_topic_is_found_whole(net: SimNetwork) -> None:
+    """More announcers than fit in one LOOKUP answer: storers answer with a fresh random
+    share each time, so one lookup across k storers still collects (nearly) all of them."""
+    hosts = list(net.hosts.values())
+    topic = topic_from_name("sim-busy-topic")
+    announcers = hosts[30:54]  # 24: over four answers' worth of records
+    for h in announcers:
+        assert net.run_op(h, lambda n: n.announce(topic, refresh=False)).result() > 0
+    want = {h.node.identity.public_key for h in announcers}
+    for looker in hosts[90:95]:
+        res = net.run_op(looker, lambda n: n.lookup(topic)).result()
+        got = {r.public_key for r in res.records}
+        assert got <= want
+        assert len(got) >= len(want) - 1, (len(got), len(want))

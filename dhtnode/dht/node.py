@@ -339,7 +339,7 @@ class DhtNode:
         def finish(o: Op[Lookup]) -> None:
             lk = o.result()
             if self.server:
-                for rec in self.store.get(topic, self._now, MAX_RECORDS_PER_MESSAGE):
+                for rec in self.store.get(topic, self._now):
                     found.setdefault(rec.public_key, {})[rec.seq] = rec
             verified: list[Record] = []
             for versions in found.values():
@@ -623,12 +623,17 @@ class DhtNode:
         token = self.tokens.issue(source, self._now)
         base = m.Response(req.command, req.tid, source, self.node_id, token, nodes)
         budget = m.MAX_SEND_SIZE - len(m.encode_response(base)) - 3
+        # A busy topic holds more than one answer fits: each answer is a fresh random share,
+        # so that a lookup, which asks k storers, collects nearly all of it (not k copies of
+        # the newest few).
+        live = self.store.get(req.target, self._now)
+        self._rng.shuffle(live)
         picked: list[Record] = []
         used = 0
-        for rec in self.store.get(req.target, self._now, MAX_RECORDS_PER_MESSAGE):
+        for rec in live[:MAX_RECORDS_PER_MESSAGE]:
             size = len(rec.body()) + len(rec.signature)
             if used + size > budget:
-                break
+                continue  # a smaller record may still fit
             picked.append(rec)
             used += size
         value = encode_record_list(picked) if picked else None

@@ -137,14 +137,14 @@ class RecordStore:
         self._tombstones[key] = (w.seq, now + self.ttl + 2 * self.max_skew)
         return True
 
-    def get(self, topic: bytes, now: float, limit: int) -> list[Record]:
-        """Live records of ``topic``, most recently announced first."""
+    def get(self, topic: bytes, now: float) -> list[Record]:
+        """Every live record of ``topic`` (at most ``max_per_topic``), newest first."""
         bucket = self._topics.get(topic)
         if not bucket:
             return []
         live = [s.record for s in bucket.values() if s.expires > now]
         live.sort(key=lambda r: r.seq, reverse=True)
-        return live[:limit]
+        return live
 
     def expire(self, now: float) -> int:
         """Drop every record past its expiry; returns how many went."""
