@@ -572,11 +572,11 @@ class DhtNode:
         if not self.reachable:
             self.events.append(("reachable_by_request", {"from": wire_address.format_addr(source)}))
             self._set_reachable(True)
-        v6 = ":" in source[0]
+        family = wire_address.family_of(source[0])
         if (
             self._fixed_public is None
             and self._address_pings < MAX_ADDRESS_PINGS
-            and not any((":" in a[0]) is v6 for a in self.observer.public_addresses)
+            and all(wire_address.family_of(a[0]) != family for a in self.observer.public_addresses)
         ):
             # Our address in the stranger's family is unknown (the first node of a network, or
             # the other family of a dual-stack node): its answer tells it.

@@ -122,7 +122,7 @@ class RoutingTable:
         """The ``n`` contacts nearest ``target`` by XOR distance, nearest first."""
         t = int.from_bytes(target, "big")
         if len(self._by_addr) <= SMALL_TABLE:
-            # Ranking every contact beats walking buckets until the table is a few k large.
+            # Ranking every contact beats the bucket walk for tables this small.
             return sorted(self._by_addr.values(), key=lambda c: c.key ^ t)[:n]
         b = bucket_index(self._local, t) if t != self._local else ID_BITS - 1
         picked: list[Contact] = list(self._buckets[b].values())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from collections import Counter, OrderedDict
 
-from dhtnode.wire.address import Address
+from dhtnode.wire.address import FAMILY_V4, FAMILY_V6, Address, family_of
 
 #: Responders remembered; the oldest is forgotten first.
 MAX_SAMPLES = 16
@@ -33,10 +33,6 @@ class NatClass(enum.Enum):
     RANDOM = "random"
 
 
-def _family(addr: Address) -> int:
-    return 6 if ":" in addr[0] else 4
-
-
 class AddressObserver:
     """Samples per address family: a dual-stack node has one public address per family, and
     two of them are not a NAT handing out different ports. The *primary* family is IPv4 when
@@ -46,8 +42,8 @@ class AddressObserver:
 
     def __init__(self) -> None:
         self._samples: dict[int, OrderedDict[Address, Address]] = {
-            4: OrderedDict(),
-            6: OrderedDict(),
+            FAMILY_V4: OrderedDict(),
+            FAMILY_V6: OrderedDict(),
         }
         self.public_address: Address | None = None
         #: Every family's agreed public address, the primary family's first.
@@ -58,7 +54,7 @@ class AddressObserver:
     def add(self, responder: Address, seen_as: Address) -> bool:
         """Record one sample; True if the public addresses or the NAT class changed."""
         before = (self.public_addresses, self.nat_class)
-        samples = self._samples[_family(seen_as)]
+        samples = self._samples[family_of(seen_as[0])]
         samples[responder] = seen_as
         samples.move_to_end(responder)
         while len(samples) > MAX_SAMPLES:
@@ -72,10 +68,10 @@ class AddressObserver:
         self._recompute()
 
     def _recompute(self) -> None:
-        primary = self._samples[4] if self._samples[4] else self._samples[6]
+        primary = self._samples[FAMILY_V4] or self._samples[FAMILY_V6]
         self.sample_count = len(primary)
         self.public_address = _agreed(primary)
-        agreed = (_agreed(self._samples[4]), _agreed(self._samples[6]))
+        agreed = (_agreed(self._samples[FAMILY_V4]), _agreed(self._samples[FAMILY_V6]))
         self.public_addresses = tuple(a for a in agreed if a is not None)
         if len(primary) < 2:
             self.nat_class = NatClass.UNKNOWN
