@@ -21,7 +21,7 @@ from dhtnode.dht.store import PutResult, RecordStore
 
 TOPIC = b"\x42" * 32
 WALL = 1_800_000_000.0
-ADDRS = ((AddressKind.DIRECT, ("203.0.113.9", 4000)), (AddressKind.RELAY, ("2001:db8::5", 77)))
+ADDRS = ((AddressKind.DIRECT, ("203.0.113.9", 4000)), (AddressKind.INTRODUCER, ("2001:db8::5", 77)))
 
 
 def ident(i: int) -> Identity:

@@ -121,7 +121,7 @@ def test_late_joiner_of_a_tiny_network_is_judged_right(firewalled: bool) -> None
     else:
         assert holders >= 1
         # It has talked to everyone by now: its lookups skip nobody any more.
-        assert not late.node._reserve
+        assert late.node.reserve_size == 0
 
 
 def test_public_nodes_of_a_three_node_network_all_serve_eventually() -> None:

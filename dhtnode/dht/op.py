@@ -1,12 +1,13 @@
 """A sans-I/O future: the handle every DHT operation returns.
 
-The asyncio layer turns it into an ``asyncio.Future`` (``dhtnode.transport.bridge``); the
-simulator just reads it. Callbacks run synchronously when the result is set.
+The asyncio layer turns it into an ``asyncio.Future`` (``NodeEndpoint.run`` in
+``dhtnode.transport.udp``); the simulator just reads it. Callbacks run synchronously when
+the result is set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from dhtnode.errors import DhtnodeError
@@ -61,3 +62,23 @@ class Op(Generic[T]):
         callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             fn(self)
+
+
+def gather(ops: Sequence[Op[T]]) -> Op[list[Op[T]]]:
+    """An Op that completes, with the finished ops in order, once every one of ``ops`` has
+    (successfully or not); it never fails itself."""
+    out: Op[list[Op[T]]] = Op()
+    left = len(ops)
+    if left == 0:
+        out.set_result([])
+        return out
+
+    def one(_: Op[T]) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            out.set_result(list(ops))
+
+    for o in ops:
+        o.add_done_callback(one)
+    return out

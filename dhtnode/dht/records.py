@@ -45,8 +45,9 @@ class RecordError(DecodeError):
 class AddressKind(enum.IntEnum):
     #: The announcer's own public address (direct or to be holepunched).
     DIRECT = 0
-    #: A DHT node that can introduce (and later relay) connections to the announcer.
-    RELAY = 1
+    #: A DHT node that stored the record and forwards introductions to the announcer
+    #: (wire value 1; called "relay" before the blind relay gave that word its own meaning).
+    INTRODUCER = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,7 @@ def decode_record(data: bytes, pos: int = 0) -> tuple[Record, int]:
         if pos >= len(data):
             raise RecordError("truncated record address")
         kind = data[pos]
-        if kind not in (AddressKind.DIRECT, AddressKind.RELAY):
+        if kind not in (AddressKind.DIRECT, AddressKind.INTRODUCER):
             raise RecordError(f"unknown address kind {kind}")
         addr, pos = wire_address.decode(data, pos + 1)
         addrs.append((AddressKind(kind), addr))

@@ -24,6 +24,7 @@ import heapq
 from dataclasses import dataclass
 
 from dhtnode.dht.records import Record, Withdrawal
+from dhtnode.wire.address import Address
 
 #: How far an announcer's clock may be off ours, in seconds, before its records are refused.
 MAX_CLOCK_SKEW = 600.0
@@ -42,6 +43,8 @@ class StoredRecord:
     record: Record
     source_ip: str
     expires: float
+    #: The full address the record was written from: where an introducer forwards to.
+    source: Address | None = None
 
 
 class RecordStore:
@@ -81,7 +84,13 @@ class RecordStore:
         return oldest <= seq <= now_ms + self.max_skew * 1000.0
 
     def put(
-        self, topic: bytes, record: Record, source_ip: str, now: float, wall: float
+        self,
+        topic: bytes,
+        record: Record,
+        source_ip: str,
+        now: float,
+        wall: float,
+        source: Address | None = None,
     ) -> PutResult:
         if not self.is_fresh(record.seq, wall):
             return PutResult.STALE
@@ -102,7 +111,7 @@ class RecordStore:
             if old.source_ip != source_ip and self._per_ip.get(source_ip, 0) >= self.max_per_ip:
                 return PutResult.FULL
             self._remove(topic, record.public_key)
-            self._insert(topic, record, source_ip, now)
+            self._insert(topic, record, source_ip, now, source)
             return PutResult.REPLACED
         if self._per_ip.get(source_ip, 0) >= self.max_per_ip:
             return PutResult.FULL
@@ -111,7 +120,7 @@ class RecordStore:
             self._remove(topic, victim.record.public_key)
         if self._count >= self.max_total:
             self._evict_earliest(now)
-        self._insert(topic, record, source_ip, now)
+        self._insert(topic, record, source_ip, now, source)
         return PutResult.STORED
 
     def withdraw(self, topic: bytes, w: Withdrawal, now: float, wall: float) -> bool:
@@ -146,6 +155,11 @@ class RecordStore:
         live.sort(key=lambda r: r.seq, reverse=True)
         return live
 
+    def held(self, topic: bytes, public_key: bytes, now: float) -> StoredRecord | None:
+        """The live record ``public_key`` stored under ``topic``, with where it came from."""
+        held = self._topics.get(topic, {}).get(public_key)
+        return held if held is not None and held.expires > now else None
+
     def expire(self, now: float) -> int:
         """Drop every record past its expiry; returns how many went."""
         dropped = 0
@@ -160,10 +174,12 @@ class RecordStore:
         self._prune_tombstones(now)
         return dropped
 
-    def _insert(self, topic: bytes, record: Record, source_ip: str, now: float) -> None:
+    def _insert(
+        self, topic: bytes, record: Record, source_ip: str, now: float, source: Address | None
+    ) -> None:
         expires = now + self.ttl
         self._topics.setdefault(topic, {})[record.public_key] = StoredRecord(
-            topic, record, source_ip, expires
+            topic, record, source_ip, expires, source
         )
         self._per_ip[source_ip] = self._per_ip.get(source_ip, 0) + 1
         self._count += 1

@@ -96,6 +96,8 @@ class SimNetwork:
             now=self.now,
             wall=self.wall,
             rng=random.Random(self.rng.getrandbits(64)),
+            # Seeded, so that a run replays exactly; real nodes take secrets from the OS.
+            secret_bytes=random.Random(self.rng.getrandbits(64)).randbytes,
             public_address=addr if bootstrap_node else None,
             seeds=seeds,
         )

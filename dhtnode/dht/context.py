@@ -1,0 +1,134 @@
+"""What every part of the engine shares: the clock, randomness, the send path, timers, standing.
+
+:class:`NodeContext` is handed to the core parts (rpc, maintenance, storage, topics,
+reachability) and to services plugged in from outside (``dhtnode.connect``). It owns:
+
+* the **one send path** (:meth:`NodeContext.send`): every datagram leaves through it, so the
+  sent-to memory (``dht/sent.py``) sees all of them, QUIC and punch datagrams included;
+* the **timer queue** (:meth:`NodeContext.call_at`): the node still has one ``next_timer()``;
+* two sources of randomness: ``rng`` for jitter and sampling (seeded in the simulator), and
+  ``secret_bytes`` for anything an attacker must not predict (transaction ids, nonces, token
+  secrets), which comes from the OS in production;
+* the node's **standing** (client or server, reachable, public address), written only by
+  ``dht/node.py`` and read by everyone else.
+
+Must not decide anything about the protocol; it is plumbing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dhtnode.crypto.identity import Identity
+from dhtnode.dht.routing import RoutingTable
+from dhtnode.dht.sent import SentMemory
+from dhtnode.dht.timers import Timer, TimerQueue
+from dhtnode.nat.observer import AddressObserver
+from dhtnode.wire.address import Address
+
+#: Bytes of OS randomness fetched at once: one ``os.urandom`` system call per 1,024
+#: transaction ids instead of one each (a reply costs ~13 µs; a syscall ~0.5 µs).
+SECRET_BUFFER = 4096
+
+
+class OsSecrets:
+    """Unpredictable bytes from the OS (``os.urandom``), buffered. Secrets must never come
+    from ``random.Random``: 624 of its 32-bit outputs on the wire give away its whole state."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def __call__(self, n: int) -> bytes:
+        if n > SECRET_BUFFER:
+            return os.urandom(n)
+        if self._pos + n > len(self._buf):
+            self._buf = os.urandom(SECRET_BUFFER)
+            self._pos = 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+
+@dataclass(slots=True)
+class Standing:
+    """Where the node stands; written by ``DhtNode`` only."""
+
+    #: Serving: in others' routing tables, storing records, id bound to ``public``.
+    server: bool = False
+    #: A stranger's datagram reached us unsolicited (or we were told we are public).
+    reachable: bool = False
+    #: Our public address (the one the id follows), as others see it.
+    public: Address | None = None
+    #: A short-lived client (one-shot CLI verbs): never serves, never checks reachability.
+    ephemeral: bool = False
+    #: A bootstrap node's fixed, trusted public address.
+    fixed_public: Address | None = None
+    #: Serve as soon as the public address is known, without a probe.
+    assume_reachable: bool = False
+    #: close() finished: no more refreshes, checks or maintenance.
+    closed: bool = False
+
+
+class NodeContext:
+    def __init__(
+        self,
+        identity: Identity,
+        params: Any,
+        *,
+        now: float,
+        wall: Callable[[], float],
+        rng: random.Random,
+        secret_bytes: Callable[[int], bytes],
+        table: RoutingTable,
+    ) -> None:
+        self.identity = identity
+        #: ``dhtnode.dht.node.DhtParams``.
+        self.params = params
+        self.now = now
+        self.wall = wall
+        self.rng = rng
+        self.secret_bytes = secret_bytes
+        self.stats: Counter[str] = Counter()
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.out: list[tuple[bytes, Address]] = []
+        self.timers = TimerQueue()
+        self.sent_to = SentMemory()
+        self.observer = AddressObserver()
+        self.standing = Standing()
+        #: Rebuilt (new local id) when the node starts or stops serving; read it afresh.
+        self.table = table
+
+    @property
+    def node_id(self) -> bytes | None:
+        """Our id while serving (bound to our public address); None while a client."""
+        return self.table.local_id if self.standing.server else None
+
+    def send(self, data: bytes, addr: Address) -> None:
+        """Queue a datagram on the node's socket. Every destination is remembered: once we
+        sent to it, whatever NAT is in front of us lets its answers in, so they prove nothing
+        about reachability."""
+        self.out.append((data, addr))
+        self.stats["tx"] += 1
+        self.sent_to.note(addr, self.now)
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        return self.timers.call_at(deadline, callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return self.timers.call_at(self.now + delay, callback)
+
+    def emit(self, name: str, **fields: Any) -> None:
+        """A stable event name with fields; the daemon logs it, the simulator drops it."""
+        self.events.append((name, fields))
+
+    def secret_u32(self) -> int:
+        return int.from_bytes(self.secret_bytes(4), "big")
+
