@@ -32,6 +32,12 @@ def topic_from_name(name: str) -> bytes:
     return hashlib.blake2b(name.encode("utf-8"), digest_size=ID_LEN).digest()
 
 
+def listen_topic(public_key: bytes) -> bytes:
+    """The topic a listener announces itself under: BLAKE2b-256 of its Ed25519 public key,
+    personalised so that it never equals a topic named by a user."""
+    return hashlib.blake2b(public_key, digest_size=ID_LEN, person=b"dhtnode-listen").digest()
+
+
 def parse_topic(text: str) -> bytes:
     """A topic from 64 hex characters; ``ValueError`` with the expected form otherwise."""
     text = text.strip().lower()

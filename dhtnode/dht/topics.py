@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dhtnode.crypto.identity import Identity
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.ids import node_id_for
 from dhtnode.dht.lookup import Lookup
@@ -55,9 +56,13 @@ class LookupResult:
 @dataclass(slots=True)
 class _Announcement:
     topic: bytes
+    #: The key the record is signed with (a listener's own key), else the node's.
+    identity: Identity | None = None
     timer: Timer | None = None
     #: Nodes that acknowledged the last store.
     storers: list[Address] = field(default_factory=list)
+    #: Storers the record names as introducers and that acknowledged it.
+    introducers: list[Address] = field(default_factory=list)
 
 
 class Topics:
@@ -68,7 +73,7 @@ class Topics:
         self._storage = storage
         self._last_seq = 0
         self._announced: dict[bytes, _Announcement] = {}
-        #: Called after every successful (re-)announcement: (topic, storers).
+        #: Called after every successful (re-)announcement: (topic, introducers that stored it).
         self.on_announced: Callable[[bytes, list[Address]], None] = lambda t, s: None
 
     @property
@@ -78,6 +83,11 @@ class Topics:
     def storers(self, topic: bytes) -> list[Address]:
         ann = self._announced.get(topic)
         return list(ann.storers) if ann else []
+
+    def introducers(self, topic: bytes) -> list[Address]:
+        """The nodes our record for ``topic`` names as introducers and that stored it."""
+        ann = self._announced.get(topic)
+        return list(ann.introducers) if ann else []
 
     def lookup(self, topic: bytes) -> Op[LookupResult]:
         """Find the verified records of ``topic``: one per public key, newest seq, newest first."""
@@ -125,28 +135,32 @@ class Topics:
         self._queries.run(topic, m.Command.LOOKUP, collect, user_op=True).add_done_callback(finish)
         return op
 
-    def announce(self, topic: bytes, *, refresh: bool = True) -> Op[int]:
+    def announce(
+        self, topic: bytes, *, refresh: bool = True, identity: Identity | None = None
+    ) -> Op[int]:
         """Store our signed record on the k nodes closest to ``topic``; result: how many
         acknowledged. With ``refresh`` the record is re-announced before it expires until
-        :meth:`unannounce` or :meth:`close`."""
+        :meth:`unannounce` or :meth:`close`. ``identity`` signs instead of the node's key."""
         ctx = self._ctx
         if refresh:
             ann = self._announced.get(topic)
             if ann is None:
-                ann = self._announced[topic] = _Announcement(topic)
+                ann = self._announced[topic] = _Announcement(topic, identity)
             if ann.timer is not None:
                 ann.timer.cancel()
             interval = ctx.params.record_ttl * 0.45
             ann.timer = ctx.call_later(
                 interval * (0.9 + 0.1 * ctx.rng.random()), lambda: self._refresh(topic)
             )
-        return self._write(topic, withdraw=False)
+        return self._write(topic, withdraw=False, identity=identity)
 
-    def unannounce(self, topic: bytes) -> Op[int]:
+    def unannounce(self, topic: bytes, *, identity: Identity | None = None) -> Op[int]:
         ann = self._announced.pop(topic, None)
         if ann is not None and ann.timer is not None:
             ann.timer.cancel()
-        return self._write(topic, withdraw=True)
+        if ann is not None and identity is None:
+            identity = ann.identity
+        return self._write(topic, withdraw=True, identity=identity)
 
     def close(self) -> Op[int]:
         """Withdraw every announcement; the result counts acknowledged withdrawals."""
@@ -175,8 +189,9 @@ class Topics:
         out.extend((AddressKind.INTRODUCER, a) for a in storers[:MAX_INTRODUCERS])
         return tuple(out)
 
-    def _write(self, topic: bytes, *, withdraw: bool) -> Op[int]:
+    def _write(self, topic: bytes, *, withdraw: bool, identity: Identity | None) -> Op[int]:
         ctx = self._ctx
+        signer = identity or ctx.identity
         tokens: dict[Address, bytes] = {}
 
         def collect(addr: Address, resp: m.Response) -> None:
@@ -193,13 +208,13 @@ class Topics:
             local = 0
             held = self._storage.store
             if withdraw:
-                w = sign_withdrawal(ctx.identity, topic, seq)
+                w = sign_withdrawal(signer, topic, seq)
                 value = w.encode()
                 command = m.Command.UNANNOUNCE
                 if ctx.standing.server and held.withdraw(topic, w, ctx.now, ctx.wall()):
                     local = 1
             else:
-                rec = sign_record(ctx.identity, topic, seq, self._record_addresses(storers))
+                rec = sign_record(signer, topic, seq, self._record_addresses(storers))
                 value = rec.encode()
                 command = m.Command.ANNOUNCE
                 if ctx.standing.server:
@@ -226,8 +241,9 @@ class Topics:
                 ann = self._announced.get(topic)
                 if ann is not None and not withdraw:
                     ann.storers = ok
+                    ann.introducers = [a for a in storers[:MAX_INTRODUCERS] if a in ok]
                     if ok:
-                        self.on_announced(topic, ok)
+                        self.on_announced(topic, ann.introducers)
                 op.set_result(local + len(ok))
 
             gather(calls).add_done_callback(acked)
@@ -238,4 +254,4 @@ class Topics:
     def _refresh(self, topic: bytes) -> None:
         if topic in self._announced and not self._ctx.standing.closed:
             self._ctx.emit("announce_refresh", topic=topic.hex())
-            self.announce(topic)
+            self.announce(topic, identity=self._announced[topic].identity)

@@ -62,6 +62,13 @@ class AddressObserver:
         self._recompute()
         return (self.public_addresses, self.nat_class) != before
 
+    @property
+    def port_samples(self) -> tuple[int, ...]:
+        """The primary family's mapped ports, in the order responders were (re)sampled: what
+        a peer needs to see a sequential port allocation and predict our next mapping."""
+        primary = self._samples[FAMILY_V4] or self._samples[FAMILY_V6]
+        return tuple(a[1] for a in primary.values())
+
     def clear(self) -> None:
         for samples in self._samples.values():
             samples.clear()

@@ -111,10 +111,14 @@ class SimNetwork:
         self.hosts[addr].alive = False
 
     def start(self, host: SimHost, fn: Callable[[DhtNode], Op[T]]) -> Op[T]:
+        return self.act(host, fn)
+
+    def act(self, host: SimHost, fn: Callable[[DhtNode], T]) -> T:
+        """Call ``fn`` on the host's engine now, and send what it queued."""
         host.node.handle_timer(self.now)  # operations read the engine's notion of now
-        op = fn(host.node)
+        out = fn(host.node)
         self._service(host)
-        return op
+        return out
 
     def run_until(self, t: float, *, stop: Callable[[], bool] | None = None) -> None:
         while self._events and self._events[0][0] <= t:

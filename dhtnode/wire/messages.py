@@ -73,6 +73,10 @@ class Command(enum.IntEnum):
     FORWARD_PROBE = 0x07
     #: The unsolicited datagram itself; never answered.
     PROBE = 0x08
+    #: Client -> introducer: "pass this sealed hello to the listener of ``target``".
+    INTRODUCE = 0x09
+    #: Introducer -> listener: the hello, with the client's address as the introducer saw it.
+    INTRO_FORWARD = 0x0A
 
 
 class ErrorCode(enum.IntEnum):
@@ -83,6 +87,10 @@ class ErrorCode(enum.IntEnum):
     FULL = 5
     NOT_SERVING = 6
     MISSING_FIELD = 7
+    #: No listener for this target here (or it did not answer).
+    NOT_FOUND = 8
+    #: Rate limit or table full: try another node, or later.
+    BUSY = 9
 
 
 _COMMANDS = frozenset(int(c) for c in Command)

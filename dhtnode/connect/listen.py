@@ -1,0 +1,208 @@
+"""Listening on a key: be findable by public key and answer sealed introductions.
+
+A listener announces a record under ``listen_topic(public_key)``, signed with the key it
+serves; the record names up to three storers as its introducers. It keeps its NAT mappings
+towards them alive (a PING every :data:`KEEPALIVE_INTERVAL`: Linux forgets an idle UDP
+mapping after 30 s), and announces again when one stops answering or our address changes.
+
+Owns INTRO_FORWARD (introducer -> us): only from a node we sent to (our introducers); opens
+the hello (``handshake.py``), refuses keys the allow-list or callback rejects (the client gets
+"refused", sealed, not a timeout), answers a retransmitted hello with the same reply and no new
+attempt, and hands every accepted introduction to ``on_intro`` (the asyncio layer punches).
+
+Must not punch or open sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from dhtnode.connect.handshake import HandshakeError, ReplayGuard, ServerHandshake, open_hello
+from dhtnode.connect.peerinfo import PeerInfo, PeerInfoError
+from dhtnode.crypto.identity import Identity
+from dhtnode.dht.context import NodeContext
+from dhtnode.dht.ids import listen_topic
+from dhtnode.dht.node import Service
+from dhtnode.dht.op import Op
+from dhtnode.dht.rpc import Handler, Rpc
+from dhtnode.dht.timers import Timer
+from dhtnode.dht.topics import Topics
+from dhtnode.errors import DecodeError
+from dhtnode.nat.observer import NatClass
+from dhtnode.wire import address as wire_address
+from dhtnode.wire import messages as m
+from dhtnode.wire.address import Address
+
+#: Seconds between keep-alive PINGs to each introducer (Linux UDP conntrack: 30 s unreplied,
+#: 120 s once answered; home routers as low as 30 s).
+KEEPALIVE_INTERVAL = 20.0
+#: Seconds between two re-announcements caused by lost introducers or an address change.
+MIN_REANNOUNCE_GAP = 5.0
+#: Reason code in a refused reply: the key is not allowed.
+REFUSED_NOT_ALLOWED = 1
+#: Keys a node listens on at once.
+MAX_LISTENERS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Introduction:
+    """An accepted introduction, as the listener sees it."""
+
+    listener: Listening
+    handshake: ServerHandshake
+    #: The client's address as the introducer saw it: the only address we punch toward
+    #: (besides LAN addresses when both sides share a public IP).
+    client_address: Address
+    client_info: PeerInfo
+
+
+@dataclass(slots=True)
+class Listening:
+    identity: Identity
+    topic: bytes
+    #: May this client key connect? None: anyone.
+    allow: Callable[[bytes], bool] | None
+    on_intro: Callable[[Introduction], None]
+    guard: ReplayGuard = field(default_factory=ReplayGuard)
+    introducers: list[Address] = field(default_factory=list)
+    timer: Timer | None = None
+    last_announce: float = -1e18
+    closed: bool = False
+
+    @property
+    def public_key(self) -> bytes:
+        return self.identity.public_key
+
+
+class Listeners(Service):
+    def __init__(self, ctx: NodeContext, rpc: Rpc, topics: Topics) -> None:
+        self._ctx = ctx
+        self._rpc = rpc
+        self._topics = topics
+        self._by_topic: dict[bytes, Listening] = {}
+        #: Our LAN addresses (the driver fills them in: it knows the interfaces and port).
+        self.lan_addresses: tuple[Address, ...] = ()
+        topics.on_announced = self._announced
+
+    def handlers(self) -> Mapping[m.Command, Handler]:
+        return {m.Command.INTRO_FORWARD: self._on_intro_forward}
+
+    def status(self) -> dict[str, object]:
+        return {"listening": [lst.public_key.hex() for lst in self._by_topic.values()]}
+
+    def my_info(self) -> PeerInfo:
+        """What we tell a peer about reaching us."""
+        ctx = self._ctx
+        st = ctx.standing
+        nat = ctx.observer.nat_class
+        public = ctx.observer.public_addresses or ((st.public,) if st.public else ())
+        return PeerInfo(
+            nat_class=nat.value if st.fixed_public is None else NatClass.CONSISTENT.value,
+            open=st.reachable,
+            port_samples=ctx.observer.port_samples[-16:],
+            public_addresses=tuple(public)[:4],
+            lan_addresses=self.lan_addresses[:4],
+        )
+
+    def listen(
+        self,
+        identity: Identity,
+        on_intro: Callable[[Introduction], None],
+        *,
+        allow: Callable[[bytes], bool] | None = None,
+    ) -> tuple[Listening, Op[int]]:
+        """Start listening on ``identity``'s key; the Op is the first announcement (how many
+        nodes stored the record)."""
+        topic = listen_topic(identity.public_key)
+        if topic in self._by_topic:
+            raise ValueError(f"already listening on {identity.public_key.hex()}")
+        if len(self._by_topic) >= MAX_LISTENERS:
+            raise ValueError(f"listening on {MAX_LISTENERS} keys already")
+        lst = Listening(identity, topic, allow, on_intro)
+        self._by_topic[topic] = lst
+        op = self._announce(lst)
+        lst.timer = self._ctx.call_later(KEEPALIVE_INTERVAL, lambda: self._keepalive(lst))
+        return lst, op
+
+    def unlisten(self, lst: Listening) -> Op[int]:
+        lst.closed = True
+        if lst.timer is not None:
+            lst.timer.cancel()
+        self._by_topic.pop(lst.topic, None)
+        return self._topics.unannounce(lst.topic, identity=lst.identity)
+
+    def standing_changed(self) -> None:
+        # Our record carries our public addresses: announce again when they change.
+        for lst in list(self._by_topic.values()):
+            self._maybe_reannounce(lst)
+
+    def _announce(self, lst: Listening) -> Op[int]:
+        lst.last_announce = self._ctx.now
+        return self._topics.announce(lst.topic, identity=lst.identity)
+
+    def _maybe_reannounce(self, lst: Listening) -> None:
+        if lst.closed or self._ctx.now - lst.last_announce < MIN_REANNOUNCE_GAP:
+            return
+        self._ctx.emit("listener_reannounce", public_key=lst.public_key.hex())
+        self._announce(lst)
+
+    def _announced(self, topic: bytes, introducers: list[Address]) -> None:
+        lst = self._by_topic.get(topic)
+        if lst is not None:
+            lst.introducers = introducers
+
+    def _keepalive(self, lst: Listening) -> None:
+        if lst.closed or self._ctx.standing.closed:
+            return
+
+        def answered(resp: m.Response | None) -> None:
+            if resp is None:
+                self._maybe_reannounce(lst)  # an introducer left: name others
+
+        for addr in lst.introducers:
+            self._rpc.request(addr, m.Command.PING, answered, user_op=True)
+        if not lst.introducers:
+            self._maybe_reannounce(lst)
+        lst.timer = self._ctx.call_later(KEEPALIVE_INTERVAL, lambda: self._keepalive(lst))
+
+    def _on_intro_forward(self, req: m.Request, source: Address) -> None:
+        ctx = self._ctx
+        lst = self._by_topic.get(req.target or b"")
+        if lst is None or req.value is None:
+            ctx.stats["drop_intro_unknown"] += 1
+            self._rpc.respond(req, source, error=m.ErrorCode.NOT_FOUND)
+            return
+        # Only a node we announced to (or pinged) may hand us introductions.
+        if source not in ctx.sent_to:
+            ctx.stats["drop_intro_stranger"] += 1
+            return
+        try:
+            client_addr, pos = wire_address.decode(req.value)
+            hs = open_hello(lst.identity, req.value[pos:], wall=ctx.wall(), guard=lst.guard)
+            info = PeerInfo.decode(hs.payload)
+        except HandshakeError as exc:
+            ctx.stats[f"drop_hello_{exc.kind}"] += 1
+            self._rpc.respond(req, source, error=m.ErrorCode.BAD_RECORD)
+            return
+        except (DecodeError, PeerInfoError):
+            ctx.stats["drop_hello_malformed"] += 1
+            self._rpc.respond(req, source, error=m.ErrorCode.BAD_RECORD)
+            return
+        if hs.duplicate:
+            # A retransmission (the same hello, maybe through another introducer): the same
+            # answer, and no second attempt.
+            ctx.stats["hello_duplicate"] += 1
+            if hs.previous_reply is not None:
+                self._rpc.respond(req, source, value=hs.previous_reply)
+            return
+        if lst.allow is not None and not lst.allow(hs.client_key):
+            ctx.stats["hello_refused"] += 1
+            ctx.emit("connection_refused", client_key=hs.client_key.hex())
+            reply = hs.seal_reply(accepted=False, payload=b"", reason=REFUSED_NOT_ALLOWED)
+            self._rpc.respond(req, source, value=reply)
+            return
+        ctx.stats["hello_accepted"] += 1
+        reply = hs.seal_reply(accepted=True, payload=self.my_info().encode())
+        self._rpc.respond(req, source, value=reply)
+        lst.on_intro(Introduction(lst, hs, client_addr, info))
