@@ -19,7 +19,6 @@ from dhtnode.dht.ids import listen_topic
 from dhtnode.sim.network import SimHost, SimNetwork
 from dhtnode.wire import messages as m
 
-
 Services = dict[tuple[str, int], ConnectServices]
 
 
