@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import struct
 import time
+from ipaddress import IPv4Address, IPv6Address
 
+import nacl.bindings
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dhtnode.connect import handshake as hs_module
 from dhtnode.connect.handshake import (
     ATTEMPT_ID_LEN,
     HELLO_OVERHEAD,
+    HELLO_TAG,
     HELLO_WINDOW,
     MAX_PAYLOAD,
     REPLY_OVERHEAD,
@@ -231,6 +237,38 @@ def test_reply_for_another_hello_or_from_a_wrong_key_is_rejected() -> None:
         open_hello(OTHER, raw_a, wall=WALL, guard=guard)
 
 
+def craft_hello(
+    *, signer: Identity = CLIENT, signed_for: bytes = SERVER.public_key, payload: bytes = b"p"
+) -> bytes:
+    """A hello sealed correctly for SERVER whose signature may be wrong (the forwarder cannot
+    make one of these; a client that knows S can)."""
+    e_secret = os.urandom(32)
+    e_pub = nacl.bindings.crypto_scalarmult_base(e_secret)
+    server_x = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(SERVER.public_key)
+    s = nacl.bindings.crypto_scalarmult(e_secret, server_x)
+    ts = struct.pack(">Q", int(WALL * 1000))
+    signed = HELLO_TAG + e_pub + signed_for + CLIENT.public_key + ts + payload
+    sealed = CLIENT.public_key + ts + signer.sign(signed) + payload
+    nonce = os.urandom(24)
+    key = hs_module._kdf(s, hs_module._PERSON_HELLO, e_pub + SERVER.public_key)
+    return b"\x01" + e_pub + nonce + nacl.bindings.crypto_secretbox(sealed, nonce, key)
+
+
+def test_signature_is_checked_and_binds_the_server_key() -> None:
+    assert open_hello(SERVER, craft_hello(), wall=WALL, guard=ReplayGuard()).payload == b"p"
+    for raw in (craft_hello(signer=OTHER), craft_hello(signed_for=OTHER.public_key)):
+        with pytest.raises(HandshakeError, match="bad signature") as info:
+            open_hello(SERVER, raw, wall=WALL, guard=ReplayGuard())
+        assert info.value.kind == "bad_signature"
+
+
+def test_low_order_ephemeral_key_is_rejected() -> None:
+    raw, _ = hello()
+    for point in (b"\x00" * 32, b"\x01" + b"\x00" * 31):
+        with pytest.raises(HandshakeError, match="tampered"):
+            open_hello(SERVER, raw[:1] + point + raw[33:], wall=WALL, guard=ReplayGuard())
+
+
 def test_bad_server_key_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         seal_hello(CLIENT, b"\x00" * 31, b"", wall=WALL)
@@ -272,8 +310,14 @@ def test_peerinfo_decode_raises_only_its_error(data: bytes) -> None:
 
 
 _addr4 = st.tuples(st.ip_addresses(v=4).map(str), st.integers(min_value=1, max_value=65535))
+
+
+def _not_v4_mapped(ip: IPv4Address | IPv6Address) -> bool:
+    return not isinstance(ip, IPv6Address) or ip.ipv4_mapped is None  # those decode as IPv4
+
+
 _addr6 = st.tuples(
-    st.ip_addresses(v=6).filter(lambda ip: ip.ipv4_mapped is None).map(str),
+    st.ip_addresses(v=6).filter(_not_v4_mapped).map(str),
     st.integers(min_value=1, max_value=65535),
 )
 _addrs = st.lists(st.one_of(_addr4, _addr6), max_size=4).map(tuple)

@@ -14,6 +14,7 @@ Must not punch or open sockets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dhtnode.connect.handshake import ClientHandshake, HandshakeError, seal_hello
@@ -31,6 +32,9 @@ from dhtnode.wire.address import Address
 
 #: Retransmissions of an INTRODUCE (the request timeout is the node's, 1 s by default).
 INTRODUCE_RETRIES = 2
+#: Seconds between trying one introducer and the next while no answer came: the first
+#: usually answers within a round trip, and each copy costs the listener a hello to check.
+INTRODUCER_STAGGER = 0.3
 
 
 class PeerNotFound(OperationError):
@@ -87,14 +91,20 @@ def introduce(
             ))
             return
         hello, hs = seal_hello(identity, server_key, my_info.encode(), wall=node.ctx.wall())
-        left = len(usable)
+        sent: set[Address] = set()
+        answers = 0
         errors: list[str] = []
 
         def answered(via: Address, resp: m.Response | None) -> None:
-            nonlocal left
-            left -= 1
+            nonlocal answers
+            answers += 1
             if op.done:
                 return
+            if resp is None or resp.error is not None:
+                # Try the next introducer now rather than after its stagger.
+                nxt = usable.index(via) + 1
+                if nxt < len(usable):
+                    send(usable[nxt])
             if resp is None:
                 errors.append(f"{wire_address.format_addr(via)}: no answer")
             elif resp.error is not None or resp.value is None:
@@ -117,22 +127,32 @@ def introduce(
                     else:
                         op.set_result(Introduced(server_key, hs, server_addr, info, via))
                         return
-            if left == 0:
+            if answers == len(usable):
                 op.set_error(IntroductionFailed(
                     f"no introducer of {key_hex} passed our hello on: " + "; ".join(errors)
                 ))
 
-        for via in usable:
+        def send(via: Address) -> None:
+            if op.done or via in sent:
+                return
+            sent.add(via)
             node.rpc.request(
                 via,
                 m.Command.INTRODUCE,
-                lambda r, via=via: answered(via, r),  # type: ignore[misc]
+                lambda r: answered(via, r),
                 target=topic,
                 token=res.tokens[via],
                 value=hello,
                 retries=INTRODUCE_RETRIES,
                 user_op=True,
             )
+
+        def later(via: Address) -> Callable[[], None]:
+            return lambda: send(via)
+
+        send(usable[0])
+        for i, via in enumerate(usable[1:], 1):
+            node.ctx.call_later(i * INTRODUCER_STAGGER, later(via))
 
     node.lookup(topic).add_done_callback(found)
     return op

@@ -25,9 +25,10 @@ from dhtnode.wire import address as wire_address
 from dhtnode.wire import messages as m
 from dhtnode.wire.address import Address
 
-#: INTRODUCE requests accepted from one source IP per window: a client retries an
-#: introduction a few times; a flood from one address gets BUSY.
-MAX_INTRODUCE_PER_IP = 16
+#: INTRODUCE requests accepted from one source IP per window (about 13/s): room for a busy
+#: client, or several behind one NAT, connecting one after another; a flood gets BUSY, so one
+#: address cannot make us hand a listener more than this many hellos to open.
+MAX_INTRODUCE_PER_IP = 64
 #: Seconds of one rate window.
 INTRODUCE_WINDOW = 5.0
 #: Forwards waiting for a listener's answer, at most (each holds one request slot).

@@ -3,7 +3,8 @@
 Owns: creating the (dual-stack where possible) socket, handing every datagram to
 :class:`~dhtnode.dht.node.DhtNode`, sending what it queues, keeping one loop timer armed at
 its next deadline, and turning its :class:`~dhtnode.dht.op.Op` handles into awaitables.
-Datagrams the engine does not own (QUIC, punch, relay) go to ``on_other`` (later issues).
+Datagrams of first-byte ranges no engine service owns go to ``on_other``; :meth:`send`
+carries other subsystems' datagrams out through the engine's send path.
 
 Must not hold protocol logic. Time is ``time.monotonic()``, not ``loop.time()``: uvloop's loop
 clock has 1 ms resolution, which the protocol timers (and later aioquic) must not inherit.
@@ -100,6 +101,17 @@ class NodeEndpoint(asyncio.DatagramProtocol):
         ep = cls(node, **kwargs)
         await loop.create_datagram_endpoint(lambda: ep, sock=sock)
         return ep
+
+    @property
+    def is_v6(self) -> bool:
+        """The socket is IPv6 (dual-stack when bound to ::)."""
+        return self._v6
+
+    def send(self, data: bytes, addr: Address) -> None:
+        """Send a datagram that is not the engine's own (QUIC, punch probes) through the
+        engine's one send path, so its sent-to memory sees it, and flush at once."""
+        self.node.ctx.send(data, addr)
+        self._service()
 
     @property
     def local_address(self) -> Address:
