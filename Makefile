@@ -32,6 +32,10 @@ e2e: $(STAMP)
 test: lint typecheck $(STAMP)
 	$(BIN)/pytest -q
 
+.PHONY: natlab
+natlab: $(STAMP)
+	$(BIN)/pytest -q -m netns
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
