@@ -12,39 +12,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from dhtnode import __version__
+from dhtnode.cli import connect as connect_verbs
+from dhtnode.cli.common import (
+    EXIT_FAILURE,
+    EXIT_NO_NETWORK,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    common_args,
+    config_from_args,
+    emit,
+    emit_error,
+    net_args,
+    run_async,
+    setup_logging,
+)
 from dhtnode.errors import ConfigError, DhtnodeError
 from dhtnode.wire.address import format_addr
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-class UsageError(DhtnodeError):
-    """A command-line argument is invalid (exit code 2)."""
-
-
-def _common(p: argparse.ArgumentParser, *, log_default: str | None = None) -> None:
-    p.add_argument("--config", type=Path, help="TOML config file (see config.example.toml)")
-    p.add_argument("--state-dir", type=Path, help="directory for the identity key and node cache")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   default=log_default, help="log verbosity (logs go to stderr)")
-    p.add_argument("--log-format", choices=["auto", "json", "console"],
-                   help="auto = JSON lines unless stderr is a terminal")
-
-
-def _net(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap", action="append", metavar="HOST:PORT", default=None,
-                   help="a DHT node to join through (repeatable)")
-    p.add_argument("--host", help="local address to bind (default from config)")
 
 
 def _topic_args(p: argparse.ArgumentParser) -> None:
@@ -61,20 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the long-lived node (the daemon)")
-    _common(p)
-    _net(p)
+    common_args(p)
+    net_args(p)
     p.add_argument("--port", type=int, help="UDP port for DHT, STUN and (later) QUIC")
     p.add_argument("--bootstrap-node", action="store_true", default=None,
                    help="first node of a network on a public address: serve at once")
     p.add_argument("--public-host", help="public IP to advertise with --bootstrap-node")
 
     p = sub.add_parser("status", help="ask the running daemon for its state")
-    _common(p)
+    common_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = sub.add_parser("announce", help="announce a topic from a short-lived node")
-    _common(p, log_default="warning")
-    _net(p)
+    common_args(p, log_default="warning")
+    net_args(p)
     _topic_args(p)
     p.add_argument("--keep-alive", type=float, default=0.0, metavar="SECONDS",
                    help="stay up this long, refreshing the record, then withdraw it")
@@ -83,32 +74,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("unannounce", help="withdraw a topic announcement")
-    _common(p, log_default="warning")
-    _net(p)
+    common_args(p, log_default="warning")
+    net_args(p)
     _topic_args(p)
     p.add_argument("--via-daemon", action="store_true")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("lookup", help="find the records announced for a topic")
-    _common(p, log_default="warning")
-    _net(p)
+    common_args(p, log_default="warning")
+    net_args(p)
     _topic_args(p)
     p.add_argument("--via-daemon", action="store_true", help="look up through the running daemon")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
 
-    p = sub.add_parser("ping", help="ping a DHT node")
-    _common(p, log_default="warning")
-    p.add_argument("address", metavar="HOST:PORT")
+    p = sub.add_parser("ping", help="ping a DHT node (HOST:PORT) or a listener (PUBKEY)")
+    common_args(p, log_default="warning")
+    net_args(p)
+    p.add_argument("address", metavar="TARGET",
+                   help="HOST:PORT: a DHT ping; a 64-hex public key: connect and echo")
+    p.add_argument("--via-daemon", action="store_true",
+                   help="ping a key through the running daemon")
     p.add_argument("--json", action="store_true")
 
+    connect_verbs.add_parsers(sub)
+
     p = sub.add_parser("stun", help="ask a STUN server (any dhtnode) for our public address")
-    _common(p, log_default="warning")
+    common_args(p, log_default="warning")
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds per attempt")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("keygen", help="create the identity key (never overwrites one)")
-    _common(p, log_default="warning")
+    common_args(p, log_default="warning")
     p.add_argument("--out", type=Path, help="key file (default: <state dir>/identity.key)")
     p.add_argument("--json", action="store_true")
 
@@ -119,31 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _config(args: argparse.Namespace) -> Any:
-    from dhtnode.daemon.config import apply_overrides, load_config
-
-    cfg = load_config(args.config)
-    if getattr(args, "port", None) is not None and not 0 <= args.port <= 65535:
-        raise ConfigError("--port", f"must be 0-65535, got {args.port}")
-    return apply_overrides(
-        cfg,
-        host=getattr(args, "host", None),
-        port=getattr(args, "port", None),
-        bootstrap=getattr(args, "bootstrap", None),
-        state_dir=args.state_dir,
-        bootstrap_node=getattr(args, "bootstrap_node", None),
-        public_host=getattr(args, "public_host", None),
-        log_level=args.log_level,
-        log_format=args.log_format,
-    )
-
-
-def _setup_logging(cfg: Any) -> None:
-    from dhtnode.daemon.logging import configure_logging
-
-    configure_logging(cfg.log.level, cfg.log.format)
 
 
 def _topic(args: argparse.Namespace) -> bytes:
@@ -161,30 +133,14 @@ def _topic(args: argparse.Namespace) -> bytes:
         raise UsageError(f"TOPIC: {exc}") from None
 
 
-def _emit(obj: dict[str, Any], as_json: bool, text: str) -> None:
-    if as_json:
-        print(json.dumps(obj, separators=(",", ":"), sort_keys=True), flush=True)
-    else:
-        print(text, flush=True)
-
-
-def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-
-        return int(uvloop.run(coro))
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-
-
 # --------------------------------------------------------------------------- verbs
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dhtnode.daemon.service import Daemon
 
-    cfg = _config(args)
-    _setup_logging(cfg)
+    cfg = config_from_args(args)
+    setup_logging(cfg)
 
     async def main() -> int:
         d = Daemon(cfg)
@@ -192,11 +148,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         await d.run_forever()
         return EXIT_OK
 
-    return _run_async(main())
+    return run_async(main())
 
 
 def _control_path(args: argparse.Namespace) -> Path:
-    cfg = _config(args)
+    cfg = config_from_args(args)
     return Path(cfg.control_socket_path)
 
 
@@ -217,15 +173,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"routing table:  {st['routing_table_size']} nodes",
             f"records stored: {st['records_stored']} ({st['topics_stored']} topics)",
             f"announced:      {len(st['announced_topics'])} topics",
+            f"connections:    {len(st.get('connections', []))}",
             f"uptime:         {st['uptime']} s",
         ]
     )
-    _emit(st, args.json, text)
+    emit(st, args.json, text)
     return EXIT_OK
-
-
-def _bootstrap_list(args: argparse.Namespace, cfg: Any) -> Any:
-    return None if not args.bootstrap else list(cfg.node.bootstrap)
 
 
 def cmd_announce(args: argparse.Namespace) -> int:
@@ -236,10 +189,10 @@ def cmd_announce(args: argparse.Namespace) -> int:
         from dhtnode.daemon import control
 
         res = asyncio.run(control.request(_control_path(args), "announce", topic=topic.hex()))
-        _emit(res, args.json, f"announced {topic.hex()} on {res['stored_on']} nodes (daemon)")
+        emit(res, args.json, f"announced {topic.hex()} on {res['stored_on']} nodes (daemon)")
         return EXIT_OK if res["stored_on"] else EXIT_FAILURE
-    cfg = _config(args)
-    _setup_logging(cfg)
+    cfg = config_from_args(args)
+    setup_logging(cfg)
 
     async def main() -> int:
         from dhtnode.crypto.identity import load_or_create_identity
@@ -252,7 +205,7 @@ def cmd_announce(args: argparse.Namespace) -> int:
         async with client_node(cfg, identity=ident, bootstrap=seeds) as c:
             stored = await c.endpoint.run(lambda n: n.announce(topic, refresh=args.keep_alive > 0))
             pub = c.node.public
-            _emit(
+            emit(
                 {
                     "event": "announced",
                     "topic": topic.hex(),
@@ -284,11 +237,11 @@ def cmd_announce(args: argparse.Namespace) -> int:
                 _emit_unannounced(args, topic, gone)
             return EXIT_OK
 
-    return _run_async(main())
+    return run_async(main())
 
 
 def _emit_unannounced(args: argparse.Namespace, topic: bytes, gone: int) -> None:
-    _emit({"event": "unannounced", "topic": topic.hex(), "withdrawn_from": gone},
+    emit({"event": "unannounced", "topic": topic.hex(), "withdrawn_from": gone},
           args.json, f"withdrew {topic.hex()} from {gone} nodes")
 
 
@@ -298,10 +251,10 @@ def cmd_unannounce(args: argparse.Namespace) -> int:
         from dhtnode.daemon import control
 
         res = asyncio.run(control.request(_control_path(args), "unannounce", topic=topic.hex()))
-        _emit(res, args.json, f"withdrew {topic.hex()} from {res['withdrawn_from']} nodes")
+        emit(res, args.json, f"withdrew {topic.hex()} from {res['withdrawn_from']} nodes")
         return EXIT_OK
-    cfg = _config(args)
-    _setup_logging(cfg)
+    cfg = config_from_args(args)
+    setup_logging(cfg)
 
     async def main() -> int:
         from dhtnode.crypto.identity import load_or_create_identity
@@ -314,7 +267,7 @@ def cmd_unannounce(args: argparse.Namespace) -> int:
         _emit_unannounced(args, topic, gone)
         return EXIT_OK
 
-    return _run_async(main())
+    return run_async(main())
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
@@ -328,8 +281,8 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         res = asyncio.run(control.request(_control_path(args), "lookup", topic=topic.hex()))
         records = list(res["records"])
     else:
-        cfg = _config(args)
-        _setup_logging(cfg)
+        cfg = config_from_args(args)
+        setup_logging(cfg)
 
         async def main() -> list[dict[str, Any]]:
             from dhtnode.daemon.service import client_node, resolve
@@ -342,7 +295,7 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         records = asyncio.run(main())
     for r in records:
         addrs = ", ".join(f"{a['kind']} {a['address']}" for a in r["addresses"]) or "-"
-        _emit(r, args.json, f"{r['public_key']}  seq={r['seq']}  {addrs}")
+        emit(r, args.json, f"{r['public_key']}  seq={r['seq']}  {addrs}")
     if not records and not args.json:
         print(f"no records for {topic.hex()}", file=sys.stderr)
     return EXIT_OK if records else EXIT_FAILURE
@@ -351,12 +304,15 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 def cmd_ping(args: argparse.Namespace) -> int:
     from dhtnode.wire.address import parse_host_port
 
+    if connect_verbs.looks_like_key(args.address):
+        return connect_verbs.cmd_ping_key(args)
+
     try:
         host, port = parse_host_port(args.address)
     except ValueError as exc:
         raise UsageError(f"HOST:PORT: {exc}") from None
-    cfg = _config(args)
-    _setup_logging(cfg)
+    cfg = config_from_args(args)
+    setup_logging(cfg)
 
     async def main() -> int:
         from dhtnode.crypto.identity import Identity
@@ -377,7 +333,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
         finally:
             ep.close()
         seen = format_addr(resp.to)
-        _emit(
+        emit(
             {"address": format_addr(targets[0]), "rtt_ms": round(rtt, 3),
              "node_id": resp.id.hex() if resp.id else None, "seen_as": seen},
             args.json,
@@ -386,7 +342,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
 
-    return _run_async(main())
+    return run_async(main())
 
 
 def cmd_stun(args: argparse.Namespace) -> int:
@@ -407,7 +363,7 @@ def cmd_stun(args: argparse.Namespace) -> int:
         if not targets:
             raise DhtnodeError(f"cannot resolve {host}")
         mapped = await stun_query(targets[0], timeout=args.timeout)
-        _emit({"server": args.address, "mapped_address": format_addr(mapped)},
+        emit({"server": args.address, "mapped_address": format_addr(mapped)},
               args.json, f"mapped address: {mapped[0]}:{mapped[1]}")
         return EXIT_OK
 
@@ -419,12 +375,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from dhtnode.daemon.service import identity_path
     from dhtnode.daemon.state import ensure_state_dir
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if args.out is None:
         ensure_state_dir(cfg.node.state_dir)
     path = args.out or identity_path(cfg.node.state_dir)
     ident, created = load_or_create_identity(path)
-    _emit({"path": str(path), "public_key": ident.public_key.hex(), "created": created},
+    emit({"path": str(path), "public_key": ident.public_key.hex(), "created": created},
           args.json,
           f"{'created' if created else 'existing key kept'}: {path}\npublic key: "
           f"{ident.public_key.hex()}")
@@ -435,7 +391,7 @@ def cmd_topic(args: argparse.Namespace) -> int:
     from dhtnode.dht.ids import topic_from_name
 
     t = topic_from_name(args.name).hex()
-    _emit({"name": args.name, "topic": t}, args.json, t)
+    emit({"name": args.name, "topic": t}, args.json, t)
     return EXIT_OK
 
 
@@ -449,19 +405,23 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stun": cmd_stun,
     "keygen": cmd_keygen,
     "topic": cmd_topic,
+    "listen": connect_verbs.cmd_listen,
+    "connect": connect_verbs.cmd_connect,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
     try:
         return VERBS[args.verb](args)
     except (ConfigError, UsageError) as exc:
-        print(f"dhtnode {args.verb}: error: {exc}", file=sys.stderr)
+        emit_error("usage", str(exc), as_json, args.verb)
         return EXIT_USAGE
     except DhtnodeError as exc:
-        print(f"dhtnode {args.verb}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        code = str(getattr(exc, "code", "failed"))
+        emit_error(code, str(exc), as_json, args.verb)
+        return EXIT_NO_NETWORK if code == "no_network" else EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE

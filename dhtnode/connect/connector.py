@@ -22,7 +22,7 @@ from dhtnode.connect.peerinfo import PeerInfo, PeerInfoError
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.ids import listen_topic
 from dhtnode.dht.node import DhtNode
-from dhtnode.dht.op import Op, OperationError
+from dhtnode.dht.op import NoAnswer, Op, OperationError
 from dhtnode.dht.records import AddressKind
 from dhtnode.dht.topics import LookupResult
 from dhtnode.errors import DecodeError
@@ -78,6 +78,9 @@ def introduce(
             op.set_error(o.error)
             return
         res = o.result()
+        if res.responses == 0:
+            op.set_error(NoAnswer("no DHT node answered; is a bootstrap reachable?"))
+            return
         rec = next((r for r in res.records if r.public_key == server_key), None)
         if rec is None:
             op.set_error(PeerNotFound(f"no node announces key {key_hex} (is it listening?)"))

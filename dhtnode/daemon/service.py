@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity, load_or_create_identity
 from dhtnode.daemon.config import Config
 from dhtnode.daemon.control import ControlServer
@@ -34,6 +35,7 @@ from dhtnode.dht.node import DhtNode, DhtParams, LookupResult
 from dhtnode.dht.op import OperationError
 from dhtnode.dht.records import Record
 from dhtnode.errors import DhtnodeError
+from dhtnode.transport.connections import Connections
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
@@ -97,6 +99,7 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.endpoint: NodeEndpoint | None = None
+        self.connections: Connections | None = None
         self.control: ControlServer | None = None
         self.identity: Identity | None = None
         self._stop = asyncio.Event()
@@ -132,7 +135,9 @@ class Daemon:
             assume_reachable=cfg.node.bootstrap_node,
             seeds=seeds + [a for a in cached if a not in seeds],
         )
+        services = plug_in(node)
         self.endpoint = await NodeEndpoint.create_on(sock, node, on_event=_log_event)
+        self.connections = Connections(self.endpoint, services, on_event=_log_event)
         self.control = ControlServer(cfg.control_socket_path, self._handle_control)
         await self.control.start()
         log.info(
@@ -199,6 +204,8 @@ class Daemon:
             except (TimeoutError, OperationError) as exc:
                 log.warning("withdraw_incomplete", error=str(exc) or "timeout")
             self.save_cache()
+            if self.connections is not None:
+                await self.connections.close()
             self.endpoint.close()
         if self.control is not None:
             await self.control.close()
@@ -227,14 +234,18 @@ class Daemon:
             return {"records": [record_to_json(topic, r) for r in res.records]}
         if cmd == "nodes":
             return {"nodes": [wire_address.format_addr(c.addr) for c in self.node.table]}
+        if cmd == "ping_key":
+            assert self.connections is not None
+            return await ping_key(self.connections, str(req.get("public_key", "")))
         raise DhtnodeError(f"unknown control command {cmd!r}; known: status, announce, "
-                           "unannounce, lookup, nodes")
+                           "unannounce, lookup, nodes, ping_key")
 
 
 @dataclass
 class ClientNode:
     endpoint: NodeEndpoint
     identity: Identity
+    connections: Connections
 
     @property
     def node(self) -> DhtNode:
@@ -243,7 +254,11 @@ class ClientNode:
 
 @contextlib.asynccontextmanager
 async def client_node(
-    cfg: Config, *, identity: Identity | None = None, bootstrap: list[Address] | None = None
+    cfg: Config,
+    *,
+    identity: Identity | None = None,
+    bootstrap: list[Address] | None = None,
+    port: int = 0,
 ) -> AsyncIterator[ClientNode]:
     """A short-lived node for one-shot commands: never serves, joins through ``bootstrap``
     (or the configured list, or the daemon's node cache), and is closed on exit."""
@@ -268,12 +283,58 @@ async def client_node(
         ephemeral=True,
     )
     host = "0.0.0.0" if cfg.node.host in ("", "0.0.0.0") else cfg.node.host
-    ep = await NodeEndpoint.create_on(open_udp_socket(host, 0), node, on_event=_log_event)
+    services = plug_in(node)
+    ep = await NodeEndpoint.create_on(open_udp_socket(host, port), node, on_event=_log_event)
+    conns = Connections(ep, services, on_event=_log_event)
     try:
         await ep.run(lambda n: n.bootstrap())
-        yield ClientNode(ep, ident)
+        yield ClientNode(ep, ident, conns)
     finally:
+        await conns.close()
         ep.close()
+
+
+#: Messages echoed by a key ping, and their size.
+PING_MESSAGES = 3
+PING_SIZE = 32
+
+
+async def ping_key(conns: Connections, key_hex: str) -> dict[str, Any]:
+    """Connect to the listener of a key, echo a few messages over one stream, close."""
+    try:
+        key = bytes.fromhex(key_hex)
+        if len(key) != 32:
+            raise ValueError
+    except ValueError:
+        raise DhtnodeError(f"public key: expected 64 hex characters, got {key_hex!r}") from None
+    conn = await conns.connect(key)
+    try:
+        reader, writer = await conn.open_stream()
+        rtts = []
+        for i in range(PING_MESSAGES):
+            msg = bytes([i]) * PING_SIZE
+            t0 = time.monotonic()
+            writer.write(msg)
+            await writer.drain()
+            got = await asyncio.wait_for(reader.readexactly(PING_SIZE), 5.0)
+            rtts.append((time.monotonic() - t0) * 1000)
+            if got != msg:
+                raise DhtnodeError("the peer answered with other bytes than sent: not an echo")
+        writer.write_eof()
+    except (asyncio.IncompleteReadError, TimeoutError) as exc:
+        raise DhtnodeError(
+            "connected, but the peer does not echo (is it `dhtnode listen --echo`?)"
+        ) from exc
+    finally:
+        await conn.close()
+    return {
+        "public_key": key.hex(),
+        "path": conn.path,
+        "strategy": conn.strategy,
+        "connect_ms": round(conn.connect_ms, 2),
+        "rtt_ms": round(min(rtts), 3),
+        "address": wire_address.format_addr(conn.remote_address),
+    }
 
 
 def identity_path(state_dir: Path) -> Path:

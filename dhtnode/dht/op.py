@@ -16,7 +16,16 @@ T = TypeVar("T")
 
 
 class OperationError(DhtnodeError):
-    """A DHT operation could not complete; the message says why."""
+    """A DHT operation could not complete; the message says why. ``code`` is the stable
+    error name the CLI prints in JSON."""
+
+    code = "failed"
+
+
+class NoAnswer(OperationError):
+    """Nobody answered at all: no network, or no reachable bootstrap node."""
+
+    code = "no_network"
 
 
 class Op(Generic[T]):

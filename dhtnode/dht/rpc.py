@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dhtnode.dht.context import NodeContext
-from dhtnode.dht.op import Op, OperationError
+from dhtnode.dht.op import NoAnswer, Op
 from dhtnode.dht.timers import Timer
 from dhtnode.wire import address as wire_address
 from dhtnode.wire import messages as m
@@ -126,7 +126,7 @@ class Rpc:
 
         def done(resp: m.Response | None) -> None:
             if resp is None:
-                op.set_error(OperationError(f"no answer from {wire_address.format_addr(addr)}"))
+                op.set_error(NoAnswer(f"no answer from {wire_address.format_addr(addr)}"))
             else:
                 op.set_result(resp)
 

@@ -18,7 +18,7 @@ from dhtnode.crypto.identity import Identity
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.ids import node_id_for
 from dhtnode.dht.lookup import Lookup
-from dhtnode.dht.op import Op, OperationError, gather
+from dhtnode.dht.op import NoAnswer, Op, gather
 from dhtnode.dht.query import Queries
 from dhtnode.dht.records import (
     AddressKind,
@@ -225,7 +225,7 @@ class Topics:
                 if local:
                     op.set_result(local)
                 else:
-                    op.set_error(OperationError("no DHT node answered; is a bootstrap reachable?"))
+                    op.set_error(NoAnswer("no DHT node answered; is a bootstrap reachable?"))
                 return
             calls = [
                 self._rpc.call(

@@ -1,0 +1,96 @@
+"""What every CLI verb shares: exit codes, common arguments, config, logging and output.
+
+Output: results go to stdout; ``--json`` prints one object per line with stable keys and
+``ok`` in every object (errors: ``{"ok": false, "error": CODE, "message": ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dhtnode.errors import ConfigError, DhtnodeError
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+#: Failure: not found, refused, network error.
+EXIT_FAILURE = 1
+#: Usage error: a bad argument or config value (the message names it).
+EXIT_USAGE = 2
+#: Nothing answered: no network, or no reachable bootstrap node.
+EXIT_NO_NETWORK = 3
+
+
+class UsageError(DhtnodeError):
+    """A command-line argument is invalid (exit code 2)."""
+
+
+def common_args(p: argparse.ArgumentParser, *, log_default: str | None = None) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (see config.example.toml)")
+    p.add_argument("--state-dir", type=Path, help="directory for the identity key and node cache")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   default=log_default, help="log verbosity (logs go to stderr)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"],
+                   help="auto = JSON lines unless stderr is a terminal")
+
+
+def net_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", action="append", metavar="HOST:PORT", default=None,
+                   help="a DHT node to join through (repeatable)")
+    p.add_argument("--host", help="local address to bind (default from config)")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from dhtnode.daemon.config import apply_overrides, load_config
+
+    cfg = load_config(args.config)
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError("--port", f"must be 0-65535, got {port}")
+    return apply_overrides(
+        cfg,
+        host=getattr(args, "host", None),
+        port=port if getattr(args, "verb", "") == "run" else None,
+        bootstrap=getattr(args, "bootstrap", None),
+        state_dir=args.state_dir,
+        bootstrap_node=getattr(args, "bootstrap_node", None),
+        public_host=getattr(args, "public_host", None),
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+def setup_logging(cfg: Any) -> None:
+    from dhtnode.daemon.logging import configure_logging
+
+    configure_logging(cfg.log.level, cfg.log.format)
+
+
+def emit(obj: dict[str, Any], as_json: bool, text: str, *, err: bool = False) -> None:
+    """One result: a JSON line with ``ok`` (to stdout), or text (to stderr with ``err``)."""
+    if as_json:
+        print(json.dumps({"ok": True, **obj}, separators=(",", ":"), sort_keys=True), flush=True)
+    else:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def emit_error(code: str, message: str, as_json: bool, verb: str) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "error": code, "message": message},
+                         separators=(",", ":"), sort_keys=True), flush=True)
+    print(f"dhtnode {verb}: {'error: ' if code == 'usage' else ''}{message}", file=sys.stderr)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)

@@ -1,0 +1,216 @@
+"""The verbs that connect by public key: ``listen``, ``connect``, and ``ping PUBKEY``.
+
+Each starts a short-lived client node (as ``lookup`` does), or asks the running daemon
+(``ping --via-daemon``), and prints results like the other verbs (``--json``: one object per
+line with ``ok``). No protocol logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from dhtnode.cli.common import (
+    EXIT_OK,
+    UsageError,
+    common_args,
+    config_from_args,
+    emit,
+    net_args,
+    run_async,
+    setup_logging,
+)
+
+#: Bytes read from stdin (or a stream) at once when piping.
+PIPE_CHUNK = 65536
+
+
+def parse_key(text: str, what: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise UsageError(f"{what}: expected a public key of 64 hex characters, got {text!r}")
+    return key
+
+
+def looks_like_key(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("listen", help="serve a public key: accept connections to it")
+    common_args(p, log_default="warning")
+    net_args(p)
+    p.add_argument("--key-file", type=Path,
+                   help="key to serve (created, mode 0600, if missing; default: the identity "
+                   "in the state dir)")
+    p.add_argument("--echo", action="store_true", help="echo every stream back (for ping)")
+    p.add_argument("--allow", action="append", metavar="PUBKEY", default=None,
+                   help="accept only these client keys (repeatable); default: anyone")
+    p.add_argument("--port", type=int, default=0, help="UDP port (default: any free one)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("connect", help="connect to a public key and pipe stdin/stdout")
+    common_args(p, log_default="warning")
+    net_args(p)
+    p.add_argument("public_key", metavar="PUBKEY")
+    p.add_argument("--key-file", type=Path, help="our key (default: a fresh one)")
+    p.add_argument("--json", action="store_true", help="print the connection as JSON on stderr")
+
+
+def _load_key(args: argparse.Namespace, cfg: Any, *, default_state: bool) -> Any:
+    from dhtnode.crypto.identity import Identity, load_or_create_identity
+    from dhtnode.daemon.service import identity_path
+    from dhtnode.daemon.state import ensure_state_dir
+
+    if args.key_file is not None:
+        return load_or_create_identity(args.key_file)[0]
+    if not default_state:
+        return Identity.generate()
+    ensure_state_dir(cfg.node.state_dir)
+    return load_or_create_identity(identity_path(cfg.node.state_dir))[0]
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _echo(conn: Any) -> None:
+    while True:
+        try:
+            reader, writer = await conn.accept_stream()
+        except Exception:
+            return  # the connection ended
+        asyncio.get_running_loop().create_task(_echo_stream(reader, writer))
+
+
+async def _echo_stream(reader: asyncio.StreamReader, writer: Any) -> None:
+    try:
+        while data := await reader.read(PIPE_CHUNK):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+    except Exception:
+        return
+
+
+async def _stream_to_stdout(reader: asyncio.StreamReader) -> None:
+    out = sys.stdout.buffer
+    while data := await reader.read(PIPE_CHUNK):
+        out.write(data)
+        out.flush()
+
+
+async def _stdin_to_stream(writer: Any) -> None:
+    loop = asyncio.get_running_loop()
+    read = sys.stdin.buffer.read1  # type: ignore[union-attr]
+    while data := await loop.run_in_executor(None, read, PIPE_CHUNK):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    allow = {parse_key(k, "--allow") for k in args.allow or ()}
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port: must be 0-65535, got {args.port}")
+    cfg = config_from_args(args)
+    setup_logging(cfg)
+
+    async def main() -> int:
+        from dhtnode.daemon.service import client_node, resolve
+
+        ident = _load_key(args, cfg, default_state=True)
+        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
+        async with client_node(cfg, bootstrap=seeds, port=args.port) as c:
+            tasks: set[asyncio.Task[None]] = set()
+
+            def on_connection(conn: Any) -> None:
+                from dhtnode.wire.address import format_addr
+
+                emit({"event": "connection", "public_key": conn.peer_key.hex(),
+                      "address": format_addr(conn.remote_address), "strategy": conn.strategy},
+                     args.json, f"connection from {conn.peer_key.hex()} "
+                     f"({format_addr(conn.remote_address)}, {conn.strategy})", err=not args.json)
+                task = asyncio.get_running_loop().create_task(
+                    _echo(conn) if args.echo else _pipe_server(conn)
+                )
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+            await c.connections.listen(
+                ident, on_connection, allow=(lambda k: k in allow) if allow else None
+            )
+            emit({"public_key": ident.public_key.hex(), "listening": True}, args.json,
+                 ident.public_key.hex())
+            await _wait_for_signal()
+            for t in tasks:
+                t.cancel()
+        return EXIT_OK
+
+    return run_async(main())
+
+
+async def _pipe_server(conn: Any) -> None:
+    reader, writer = await conn.accept_stream()
+    await asyncio.gather(_stream_to_stdout(reader), _stdin_to_stream(writer))
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    key = parse_key(args.public_key, "PUBKEY")
+    cfg = config_from_args(args)
+    setup_logging(cfg)
+
+    async def main() -> int:
+        from dhtnode.daemon.service import client_node, resolve
+        from dhtnode.wire.address import format_addr
+
+        ident = _load_key(args, cfg, default_state=False)
+        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
+        async with client_node(cfg, bootstrap=seeds) as c:
+            conn = await c.connections.connect(key, identity=ident)
+            emit({"event": "connected", "public_key": key.hex(), "path": conn.path,
+                  "strategy": conn.strategy, "connect_ms": round(conn.connect_ms, 2),
+                  "address": format_addr(conn.remote_address)},
+                 args.json, f"connected to {key.hex()} ({conn.strategy}, "
+                 f"{conn.connect_ms:.0f} ms)", err=True)
+            reader, writer = await conn.open_stream()
+            await asyncio.gather(_stdin_to_stream(writer), _stream_to_stdout(reader))
+            await conn.close()
+        return EXIT_OK
+
+    return run_async(main())
+
+
+def cmd_ping_key(args: argparse.Namespace) -> int:
+    key = parse_key(args.address, "TARGET")
+    if args.via_daemon:
+        from dhtnode.daemon import control
+
+        path = Path(config_from_args(args).control_socket_path)
+        res = asyncio.run(control.request(path, "ping_key", public_key=key.hex(), timeout=30))
+    else:
+        cfg = config_from_args(args)
+        setup_logging(cfg)
+
+        async def main() -> dict[str, Any]:
+            from dhtnode.daemon.service import client_node, ping_key, resolve
+
+            seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
+            async with client_node(cfg, bootstrap=seeds) as c:
+                return await ping_key(c.connections, key.hex())
+
+        res = run_async(main())
+    emit(res, args.json, f"{key.hex()}: {res['path']} ({res['strategy']}), connect "
+         f"{res['connect_ms']:.1f} ms, rtt {res['rtt_ms']:.2f} ms")
+    return EXIT_OK

@@ -1,0 +1,133 @@
+"""Connect by public key on real UDP sockets on 127.0.0.1, in one process: listen, introduce
+through the DHT, punch, QUIC with both keys pinned, echo over streams; refusals, unknown keys,
+and many connects in a row leaving nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from dhtnode.connect.connector import ConnectRefused, PeerNotFound
+from dhtnode.connect.services import plug_in
+from dhtnode.crypto.identity import Identity
+from dhtnode.dht.node import DhtNode, DhtParams
+from dhtnode.transport.connections import Connection, Connections
+from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
+from dhtnode.wire.address import normalize
+
+PARAMS = DhtParams(request_timeout=0.5, slow_after=0.15)
+
+
+@dataclass
+class Peer:
+    ep: NodeEndpoint
+    conns: Connections
+
+
+async def start_peer(*, bootstrap: tuple[str, int] | None = None, first: bool = False) -> Peer:
+    sock = open_udp_socket("127.0.0.1", 0)
+    local = normalize(sock.getsockname())
+    node = DhtNode(
+        Identity.generate(), PARAMS, now=time.monotonic(), wall=time.time,
+        public_address=local if first else None, seeds=[bootstrap] if bootstrap else [],
+    )
+    services = plug_in(node)
+    ep = await NodeEndpoint.create_on(sock, node)
+    return Peer(ep, Connections(ep, services))
+
+
+@pytest.fixture
+async def net() -> AsyncIterator[list[Peer]]:
+    peers: list[Peer] = []
+    try:
+        first = await start_peer(first=True)
+        peers.append(first)
+        for _ in range(7):
+            peers.append(await start_peer(bootstrap=first.ep.local_address))
+        await asyncio.gather(*(p.ep.run(lambda n: n.bootstrap()) for p in peers[1:]))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sum(p.ep.node.server for p in peers) < 6:
+            await asyncio.sleep(0.05)
+        yield peers
+    finally:
+        for p in peers:
+            await p.conns.close()
+            p.ep.close()
+
+
+async def echo_server(conn: Connection) -> None:
+    reader, writer = await conn.accept_stream()
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+
+
+async def test_connect_by_key_and_echo(net: list[Peer]) -> None:
+    server, client = net[-1], net[-2]
+    key = Identity.generate()
+    tasks: list[asyncio.Task[None]] = []
+    accepted: list[Connection] = []
+
+    def on_connection(conn: Connection) -> None:
+        accepted.append(conn)
+        tasks.append(asyncio.create_task(echo_server(conn)))
+
+    await server.conns.listen(key, on_connection)
+    me = Identity.generate()
+    conn = await client.conns.connect(key.public_key, identity=me)
+    assert conn.peer_key == key.public_key and conn.path == "direct"
+    assert conn.strategy in ("direct", "simultaneous")
+    reader, writer = await conn.open_stream()
+    writer.write(b"hello over quic")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"hello over quic"
+    assert accepted and accepted[0].peer_key == me.public_key
+    st = client.ep.node.status()
+    assert any(c["public_key"] == key.public_key.hex() for c in st["connections"])
+    await conn.close()
+    for t in tasks:
+        t.cancel()
+
+
+async def test_refused_unknown_and_many_in_a_row(net: list[Peer]) -> None:
+    server, client = net[-1], net[-3]
+    key = Identity.generate()
+    friend = Identity.generate()
+    tasks: list[asyncio.Task[None]] = []
+
+    def on_connection(conn: Connection) -> None:
+        tasks.append(asyncio.create_task(echo_server(conn)))
+
+    await server.conns.listen(key, on_connection, allow=lambda k: k == friend.public_key)
+    with pytest.raises(ConnectRefused):
+        await client.conns.connect(key.public_key, identity=Identity.generate())
+    t0 = time.monotonic()
+    with pytest.raises(PeerNotFound):
+        await client.conns.connect(Identity.generate().public_key, identity=friend)
+    assert time.monotonic() - t0 < 5
+
+    for i in range(30):
+        conn = await client.conns.connect(key.public_key, identity=friend)
+        reader, writer = await conn.open_stream()
+        writer.write(b"x%d" % i)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"x%d" % i
+        await conn.close()
+    await asyncio.sleep(0.2)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    gc.collect()
+    # Nothing left behind: connections, attempts, extra sockets.
+    for p in (client, server):
+        sizes = p.conns.bridge.table_sizes()
+        assert sizes["connections"] == 0, sizes
+        assert p.conns.pool.open_sockets == 0
+    await asyncio.sleep(2.5)  # attempts linger briefly for trailing probes, then go
+    assert not client.conns._attempts and not server.conns._attempts
