@@ -13,7 +13,7 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from dhtnode.dht.node import DhtNode, DhtParams, LookupResult
 from dhtnode.dht.op import OperationError
 from dhtnode.dht.records import Record
 from dhtnode.errors import DhtnodeError
-from dhtnode.transport.connections import Connections
+from dhtnode.transport.connections import Connection, Connections, Server
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
@@ -246,6 +246,20 @@ class ClientNode:
     endpoint: NodeEndpoint
     identity: Identity
     connections: Connections
+
+    async def listen(
+        self,
+        identity: Identity,
+        on_connection: Callable[[Connection], None],
+        *,
+        allow: Callable[[bytes], bool] | None = None,
+    ) -> Server:
+        """Serve ``identity``'s public key (see :meth:`Connections.listen`)."""
+        return await self.connections.listen(identity, on_connection, allow=allow)
+
+    async def connect(self, public_key: bytes, *, identity: Identity | None = None) -> Connection:
+        """Connect to the listener of ``public_key`` (see :meth:`Connections.connect`)."""
+        return await self.connections.connect(public_key, identity=identity or self.identity)
 
     @property
     def node(self) -> DhtNode:

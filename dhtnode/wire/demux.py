@@ -6,8 +6,8 @@ first byte  meaning
 0x00-0x03   STUN (RFC 8489 with the magic cookie, or RFC 3489 classic without)
 0x04-0x0F   reserved, dropped
 0x10-0x1F   DHT RPC (this project's messages, see docs/PROTOCOL.md)
-0x20-0x2F   reserved for holepunch probes
-0x30-0x3F   reserved for relayed datagrams
+0x20-0x2F   holepunch probes (wire/punch.py)
+0x30-0x3F   reserved for relayed datagrams (the relay issue)
 0x40-0x7F   QUIC short header (fixed bit 0x40 set)
 0x80-0xBF   never QUIC (fixed bit clear): dropped
 0xC0-0xFF   QUIC long header
