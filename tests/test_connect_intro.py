@@ -154,3 +154,47 @@ def test_forged_and_replayed_hellos_start_nothing() -> None:
     intro_node.node.receive(m.encode_request(bad), attacker.addr, net.now)
     assert intro_node.node.stats["drop_bad_token"] >= 1
     assert intro_node.node.stats["introduce_forwarded"] == before
+
+
+def test_spoofed_introduce_sends_nothing_to_the_victim() -> None:
+    """An attacker with its own valid token forges INTRODUCEs whose source is a victim: the
+    token does not match the victim's address, so no listener is asked and nobody probes the
+    victim; the victim gets at most the small error answers (smaller than the requests)."""
+    net, hosts, services = _network()
+    server, attacker = hosts[-1], hosts[4]
+    victim = ("198.51.100.77", 4444)
+    key = Identity.generate()
+    listeners = services[server.addr].listeners
+    net.act(server, lambda n: listeners.listen(key, lambda i: None))
+    net.run_until(net.now + 5)
+    topic = listen_topic(key.public_key)
+    res = net.run_op(attacker, lambda n: n.lookup(topic), 10).result()
+    rec = next(r for r in res.records if r.public_key == key.public_key)
+    intro_addrs = [a for kind, a in rec.addresses
+                   if kind.name == "INTRODUCER" and a in res.tokens]
+    assert intro_addrs
+    to_victim: list[bytes] = []
+    for h in hosts:
+        orig = h.node.datagrams_to_send
+
+        def spy(orig=orig):  # type: ignore[no-untyped-def]
+            out = orig()
+            to_victim.extend(d for d, a in out if a == victim)
+            return out
+
+        h.node.datagrams_to_send = spy  # type: ignore[method-assign]
+    hello = b"\x01" + bytes(400)
+    sent = 0
+    for via in intro_addrs:
+        token = res.tokens[via]
+        for tid in range(20):
+            req = m.Request(m.Command.INTRODUCE, tid, None, topic, token, hello)
+            data = m.encode_request(req)
+            host = next(h for h in hosts if h.addr == via)
+            net.act(host, lambda n, data=data: n.receive(data, victim, net.now))
+            sent += len(data)
+    net.run_until(net.now + 15)
+    assert server.node.stats["hello_accepted"] == 0
+    assert not any(d[0] == 0x20 for d in to_victim)  # no punch probe
+    assert len(to_victim) <= 20 * len(intro_addrs)  # one small error answer per request
+    assert sum(len(d) for d in to_victim) < sent / 5

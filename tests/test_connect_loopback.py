@@ -1,11 +1,12 @@
 """Connect by public key on real UDP sockets on 127.0.0.1, in one process: listen, introduce
 through the DHT, punch, QUIC with both keys pinned, echo over streams; refusals, unknown keys,
-and many connects in a row leaving nothing behind."""
+and 100 connects in a row leaving no connections, sockets, file descriptors or tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -112,7 +113,9 @@ async def test_refused_unknown_and_many_in_a_row(net: list[Peer]) -> None:
         await client.conns.connect(Identity.generate().public_key, identity=friend)
     assert time.monotonic() - t0 < 5
 
-    for i in range(30):
+    fds_before = len(os.listdir("/proc/self/fd"))
+    tasks_before = len(asyncio.all_tasks())
+    for i in range(100):
         conn = await client.conns.connect(key.public_key, identity=friend)
         reader, writer = await conn.open_stream()
         writer.write(b"x%d" % i)
@@ -131,3 +134,5 @@ async def test_refused_unknown_and_many_in_a_row(net: list[Peer]) -> None:
         assert p.conns.pool.open_sockets == 0
     await asyncio.sleep(2.5)  # attempts linger briefly for trailing probes, then go
     assert not client.conns._attempts and not server.conns._attempts
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    assert len(asyncio.all_tasks()) <= tasks_before
