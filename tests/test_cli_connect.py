@@ -78,6 +78,11 @@ def test_listen_ping_connect(network: str, tmp_path: Path) -> None:
         assert res["ok"] is True and res["public_key"] == key
         assert res["path"] == "direct" and res["strategy"] in ("simultaneous", "direct")
         assert res["connect_ms"] > 0 and res["rtt_ms"] > 0
+        # The same through the running daemon's control socket.
+        rc, out, err = run("ping", key, "--via-daemon", "--state-dir", str(tmp_path / "b1"),
+                           "--json")
+        assert rc == 0, err
+        assert json.loads(out)["ok"] is True and json.loads(out)["path"] == "direct"
         rc, out, err = run("connect", key, "--bootstrap", network, stdin=b"piped bytes\n")
         assert rc == 0, err
         assert out == "piped bytes\n"

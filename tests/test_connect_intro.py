@@ -198,3 +198,27 @@ def test_spoofed_introduce_sends_nothing_to_the_victim() -> None:
     assert not any(d[0] == 0x20 for d in to_victim)  # no punch probe
     assert len(to_victim) <= 20 * len(intro_addrs)  # one small error answer per request
     assert sum(len(d) for d in to_victim) < sent / 5
+
+
+def test_listener_keeps_introducers_and_replaces_lost_ones() -> None:
+    net, hosts, services = _network()
+    server, client = hosts[-1], hosts[6]
+    key = Identity.generate()
+    listeners = services[server.addr].listeners
+    lst, _ = net.act(server, lambda n: listeners.listen(key, lambda i: None))
+    net.run_until(net.now + 5)
+    first = list(lst.introducers)
+    assert len(first) == 3
+    # Keep-alives: the listener talks to each introducer at least every 20 s.
+    pings_before = server.node.stats["tx"]
+    net.run_until(net.now + 45)
+    assert server.node.stats["tx"] - pings_before >= 2 * len(first)
+    # Two introducers die: the listener notices at its next keep-alive and names others.
+    for addr in first[:2]:
+        net.kill(addr)
+    net.run_until(net.now + 30)
+    assert set(lst.introducers) - set(first), lst.introducers
+    assert not set(lst.introducers) & set(first[:2])
+    op = net.run_op(client, lambda n: introduce(n, Identity.generate(), key.public_key,
+                                                 PeerInfo()), 15)
+    assert isinstance(op.result(), Introduced)
