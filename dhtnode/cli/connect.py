@@ -77,7 +77,7 @@ def _load_key(args: argparse.Namespace, cfg: Any, *, default_state: bool) -> Any
     return load_or_create_identity(identity_path(cfg.node.state_dir))[0]
 
 
-async def _wait_for_signal() -> None:
+async def wait_for_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -153,7 +153,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             )
             emit({"public_key": ident.public_key.hex(), "listening": True}, args.json,
                  ident.public_key.hex())
-            await _wait_for_signal()
+            await wait_for_signal()
             for t in tasks:
                 t.cancel()
         return EXIT_OK

@@ -20,6 +20,7 @@ from typing import Any
 
 from dhtnode import __version__
 from dhtnode.cli import connect as connect_verbs
+from dhtnode.cli import forward as forward_verbs
 from dhtnode.cli.common import (
     EXIT_FAILURE,
     EXIT_NO_NETWORK,
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     connect_verbs.add_parsers(sub)
+    forward_verbs.add_parsers(sub)
 
     p = sub.add_parser("stun", help="ask a STUN server (any dhtnode) for our public address")
     common_args(p, log_default="warning")
@@ -407,6 +409,8 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "topic": cmd_topic,
     "listen": connect_verbs.cmd_listen,
     "connect": connect_verbs.cmd_connect,
+    "expose": forward_verbs.cmd_expose,
+    "forward": forward_verbs.cmd_forward,
 }
 
 

@@ -64,7 +64,7 @@ class PunchError(OperationError):
     code = "punch_failed"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Connection:
     """An authenticated, end-to-end encrypted QUIC connection to a peer, by its key."""
 
