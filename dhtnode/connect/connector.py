@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from dhtnode.connect.handshake import ClientHandshake, HandshakeError, seal_hello
 from dhtnode.connect.peerinfo import PeerInfo, PeerInfoError
+from dhtnode.connect.relay import RelayOffer, decode_offer
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.ids import listen_topic
 from dhtnode.dht.node import DhtNode
@@ -63,6 +64,8 @@ class Introduced:
     server_address: Address
     server_info: PeerInfo
     introducer: Address
+    #: The introducer's relay session for this pair, if it offered one.
+    relay: RelayOffer | None = None
 
 
 def introduce(
@@ -115,6 +118,7 @@ def introduce(
             else:
                 try:
                     server_addr, pos = wire_address.decode(resp.value)
+                    relay, pos = decode_offer(resp.value, pos, via)
                     reply = hs.open_reply(resp.value[pos:])
                 except (HandshakeError, DecodeError) as exc:
                     node.stats["drop_bad_reply"] += 1
@@ -128,7 +132,9 @@ def introduce(
                     except PeerInfoError as exc:
                         errors.append(f"bad reply payload: {exc}")
                     else:
-                        op.set_result(Introduced(server_key, hs, server_addr, info, via))
+                        op.set_result(
+                            Introduced(server_key, hs, server_addr, info, via, relay)
+                        )
                         return
             if answers == len(usable):
                 op.set_error(IntroductionFailed(

@@ -5,8 +5,10 @@ Owns INTRODUCE (client -> us). The client must hold a write token for its source
 got one from our LOOKUP answer), so a forged source address cannot make us, or the listener,
 send anything toward a third party. We forward as INTRO_FORWARD to the address the listener's
 record was written from, adding the client's address as we saw it; the listener's answer goes
-back with the listener's address as we saw it. We cannot read, forge or replay what we carry
-(``connect/handshake.py``). Bounded: INTRODUCEs per source IP per window, forwards in flight.
+back with the listener's address as we saw it; while we serve, both also get a relay
+session of ours (``connect/relay.py``) with a token bound to their address. We cannot read,
+forge or replay what we carry (``connect/handshake.py``). Bounded: INTRODUCEs per source IP
+per window, forwards in flight.
 
 Must not punch, connect, or look inside the hello.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
+from dhtnode.connect.relay import RelayService, encode_offer
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.ids import listen_topic
 from dhtnode.dht.node import Service
@@ -38,10 +41,13 @@ FORWARD_TIMEOUT = 1.0
 
 
 class Introducer(Service):
-    def __init__(self, ctx: NodeContext, rpc: Rpc, storage: Storage) -> None:
+    def __init__(
+        self, ctx: NodeContext, rpc: Rpc, storage: Storage, relay: RelayService | None = None
+    ) -> None:
         self._ctx = ctx
         self._rpc = rpc
         self._storage = storage
+        self._relay = relay
         self._per_ip: Counter[str] = Counter()
         self._in_flight = 0
         ctx.call_later(INTRODUCE_WINDOW, self._new_window)
@@ -90,6 +96,11 @@ class Introducer(Service):
             return
         self._in_flight += 1
         ctx.stats["introduce_forwarded"] += 1
+        # While we serve we also offer to relay this pair: each side gets a token bound to
+        # the address we see it at, so nobody else can use the session.
+        offer = self._relay.offer(source, listener) if self._relay is not None else None
+        client_block = encode_offer(offer[0], offer[1]) if offer else encode_offer(None, None)
+        listener_block = encode_offer(offer[0], offer[2]) if offer else encode_offer(None, None)
 
         def answered(resp: m.Response | None) -> None:
             self._in_flight -= 1
@@ -98,9 +109,9 @@ class Introducer(Service):
                 respond(req, source, error=m.ErrorCode.NOT_FOUND)
                 return
             # The listener's address as we see it: where the client is to punch.
-            respond(req, source, value=wire_address.encode(listener) + resp.value)
+            respond(req, source, value=wire_address.encode(listener) + client_block + resp.value)
 
-        body = wire_address.encode(source) + req.value
+        body = wire_address.encode(source) + listener_block + req.value
         self._rpc.request(
             listener,
             m.Command.INTRO_FORWARD,

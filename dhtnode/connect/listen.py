@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from dhtnode.connect.handshake import HandshakeError, ReplayGuard, ServerHandshake, open_hello
 from dhtnode.connect.peerinfo import PeerInfo, PeerInfoError
+from dhtnode.connect.relay import RelayOffer, decode_offer
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.ids import listen_topic
@@ -55,6 +56,8 @@ class Introduction:
     #: (besides LAN addresses when both sides share a public IP).
     client_address: Address
     client_info: PeerInfo
+    #: The introducer's relay session for this pair, if it offered one.
+    relay: RelayOffer | None = None
 
 
 @dataclass(slots=True)
@@ -83,6 +86,9 @@ class Listeners(Service):
         self._by_topic: dict[bytes, Listening] = {}
         #: Our LAN addresses (the driver fills them in: it knows the interfaces and port).
         self.lan_addresses: tuple[Address, ...] = ()
+        #: Mapped ports the driver sampled from a fresh socket after the DHT's samples went
+        #: stale (a sequential NAT moves on with every new flow); sent after the DHT's.
+        self.fresh_port_samples: tuple[int, ...] = ()
         topics.on_announced = self._announced
 
     def handlers(self) -> Mapping[m.Command, Handler]:
@@ -100,7 +106,7 @@ class Listeners(Service):
         return PeerInfo(
             nat_class=nat.value if st.fixed_public is None else NatClass.CONSISTENT.value,
             open=st.reachable,
-            port_samples=ctx.observer.port_samples[-16:],
+            port_samples=(ctx.observer.port_samples + self.fresh_port_samples)[-16:],
             public_addresses=tuple(public)[:4],
             lan_addresses=self.lan_addresses[:4],
         )
@@ -179,6 +185,7 @@ class Listeners(Service):
             return
         try:
             client_addr, pos = wire_address.decode(req.value)
+            relay, pos = decode_offer(req.value, pos, source)
             hs = open_hello(lst.identity, req.value[pos:], wall=ctx.wall(), guard=lst.guard)
             info = PeerInfo.decode(hs.payload)
         except HandshakeError as exc:
@@ -205,4 +212,4 @@ class Listeners(Service):
         ctx.stats["hello_accepted"] += 1
         reply = hs.seal_reply(accepted=True, payload=self.my_info().encode())
         self._rpc.respond(req, source, value=reply)
-        lst.on_intro(Introduction(lst, hs, client_addr, info))
+        lst.on_intro(Introduction(lst, hs, client_addr, info, relay))
