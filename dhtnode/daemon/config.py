@@ -15,6 +15,7 @@ from typing import Any
 
 from dhtnode.dht.node import DhtParams
 from dhtnode.errors import ConfigError
+from dhtnode.nat.relay import RelayLimits
 from dhtnode.wire.address import parse_host_port
 
 #: UDP port for DHT, STUN and QUIC. Not HyperDHT's 49737, so both can run side by side.
@@ -83,6 +84,35 @@ class RecordsConfig:
     max_per_ip: int = _ENGINE.max_records_per_ip
 
 
+#: The relay's own defaults (``nat/relay.py``), not a second copy.
+_RELAY = RelayLimits()
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    #: Relay for the pairs this node introduces (only while it serves: a public address).
+    enabled: bool = True
+    #: Relay sessions at once.
+    max_sessions: int = _RELAY.max_sessions
+    #: Relay sessions at once with one member IP.
+    max_sessions_per_ip: int = _RELAY.max_sessions_per_ip
+    #: Bytes per second one session may use (both directions together).
+    session_rate: float = _RELAY.session_rate
+    #: Bytes per second relayed in all.
+    total_rate: float = _RELAY.total_rate
+    #: Seconds a session may last.
+    max_duration: float = _RELAY.max_duration
+
+    def limits(self) -> RelayLimits:
+        return RelayLimits(
+            max_sessions=self.max_sessions,
+            max_sessions_per_ip=self.max_sessions_per_ip,
+            session_rate=self.session_rate,
+            total_rate=self.total_rate,
+            max_duration=self.max_duration,
+        )
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     #: Control socket path; empty = <state_dir>/control.sock.
@@ -95,6 +125,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     dht: DhtConfig = field(default_factory=DhtConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
 
     @property
@@ -120,10 +151,16 @@ _RULES: dict[tuple[str, str], tuple[str, Any, Any]] = {
     ("records", "max_total"): ("int", 1, 10_000_000),
     ("records", "max_per_topic"): ("int", 1, 100_000),
     ("records", "max_per_ip"): ("int", 1, 10_000_000),
+    ("relay", "enabled"): ("bool", None, None),
+    ("relay", "max_sessions"): ("int", 0, 1_000_000),
+    ("relay", "max_sessions_per_ip"): ("int", 1, 1_000_000),
+    ("relay", "session_rate"): ("float", 1000.0, 1e10),
+    ("relay", "total_rate"): ("float", 1000.0, 1e11),
+    ("relay", "max_duration"): ("float", 10.0, 86400.0 * 7),
     ("control", "socket"): ("path", None, None),
 }
 _TABLES = {"node": NodeConfig, "log": LogConfig, "dht": DhtConfig, "records": RecordsConfig,
-           "control": ControlConfig}
+           "relay": RelayConfig, "control": ControlConfig}
 
 
 def _check(name: str, rule: tuple[str, Any, Any], value: Any) -> Any:

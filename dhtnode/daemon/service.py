@@ -135,7 +135,7 @@ class Daemon:
             assume_reachable=cfg.node.bootstrap_node,
             seeds=seeds + [a for a in cached if a not in seeds],
         )
-        services = plug_in(node)
+        services = plug_in(node, relay=cfg.relay.enabled, relay_limits=cfg.relay.limits())
         self.endpoint = await NodeEndpoint.create_on(sock, node, on_event=_log_event)
         self.connections = Connections(self.endpoint, services, on_event=_log_event)
         self.control = ControlServer(cfg.control_socket_path, self._handle_control)
