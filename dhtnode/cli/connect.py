@@ -56,6 +56,15 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--port", type=int, default=0, help="UDP port (default: any free one)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("join", help="join a topic: connect to everyone who joins it")
+    common_args(p, log_default="warning")
+    net_args(p)
+    p.add_argument("topic", nargs="?", help="topic as 64 hex characters")
+    p.add_argument("--topic-name", help="derive the topic from a name (BLAKE2b-256)")
+    p.add_argument("--key-file", type=Path, help="our key (default: a fresh one)")
+    p.add_argument("--echo", action="store_true", help="echo every stream peers open")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("connect", help="connect to a public key and pipe stdin/stdout")
     common_args(p, log_default="warning")
     net_args(p)
@@ -214,3 +223,48 @@ def cmd_ping_key(args: argparse.Namespace) -> int:
     emit(res, args.json, f"{key.hex()}: {res['path']} ({res['strategy']}), connect "
          f"{res['connect_ms']:.1f} ms, rtt {res['rtt_ms']:.2f} ms")
     return EXIT_OK
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from dhtnode.dht.ids import parse_topic, topic_from_name
+
+    if bool(args.topic) == bool(args.topic_name):
+        raise UsageError("give exactly one of TOPIC (64 hex characters) or --topic-name NAME")
+    try:
+        topic = topic_from_name(args.topic_name) if args.topic_name else parse_topic(args.topic)
+    except ValueError as exc:
+        raise UsageError(f"TOPIC: {exc}") from None
+    cfg = config_from_args(args)
+    setup_logging(cfg)
+
+    async def main() -> int:
+        from dhtnode.daemon.service import client_node, resolve
+        from dhtnode.transport.swarm import Swarm
+        from dhtnode.wire.address import format_addr
+
+        ident = _load_key(args, cfg, default_state=False)
+        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
+        async with client_node(cfg, bootstrap=seeds) as c:
+            tasks: set[asyncio.Task[None]] = set()
+
+            def on_connection(conn: Any) -> None:
+                emit({"event": "peer", "public_key": conn.peer_key.hex(),
+                      "address": format_addr(conn.remote_address), "strategy": conn.strategy},
+                     args.json, f"peer {conn.peer_key.hex()} ({conn.strategy})")
+                if args.echo:
+                    task = asyncio.get_running_loop().create_task(_echo(conn))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+            swarm = await Swarm.join(c.connections, topic, ident, on_connection)
+            emit({"topic": topic.hex(), "public_key": ident.public_key.hex(), "joined": True},
+                 args.json, f"joined {topic.hex()} as {ident.public_key.hex()}")
+            try:
+                await wait_for_signal()
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await swarm.leave()
+        return EXIT_OK
+
+    return run_async(main())

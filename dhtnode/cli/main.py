@@ -409,6 +409,7 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "topic": cmd_topic,
     "listen": connect_verbs.cmd_listen,
     "connect": connect_verbs.cmd_connect,
+    "join": connect_verbs.cmd_join,
     "expose": forward_verbs.cmd_expose,
     "forward": forward_verbs.cmd_forward,
 }
