@@ -8,6 +8,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("bench_rpc.py", "bench_sim.py", "bench_routing.py"):
+for script in ("bench_rpc.py", "bench_sim.py", "bench_routing.py", "bench_connect.py"):
     print(f"\n== {script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)

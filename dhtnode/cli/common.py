@@ -73,11 +73,14 @@ def setup_logging(cfg: Any) -> None:
 
 
 def emit(obj: dict[str, Any], as_json: bool, text: str, *, err: bool = False) -> None:
-    """One result: a JSON line with ``ok`` (to stdout), or text (to stderr with ``err``)."""
+    """One result: a JSON line with ``ok``, or text; on stdout, or on stderr with ``err``
+    (where stdout carries a stream's bytes, as in ``connect``)."""
+    out = sys.stderr if err else sys.stdout
     if as_json:
-        print(json.dumps({"ok": True, **obj}, separators=(",", ":"), sort_keys=True), flush=True)
+        line = json.dumps({"ok": True, **obj}, separators=(",", ":"), sort_keys=True)
+        print(line, file=out, flush=True)
     else:
-        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        print(text, file=out, flush=True)
 
 
 def emit_error(code: str, message: str, as_json: bool, verb: str) -> None:

@@ -439,12 +439,19 @@ class PeerConnection:
                     self._accept_waiters.remove(waiter)
         return self._accept_queue.popleft()
 
-    async def close(self, error_code: int = CLOSE_NO_ERROR, reason: str = "") -> None:
-        """Close cleanly: send CONNECTION_CLOSE and wait out the closing period (3 PTO)."""
+    async def close(
+        self, error_code: int = CLOSE_NO_ERROR, reason: str = "", *, wait: bool = True
+    ) -> None:
+        """Close cleanly: send CONNECTION_CLOSE and wait out the closing period (3 PTO, ~90 ms
+        on a LAN), in which a lost CLOSE is sent again. ``wait=False`` forgets the connection
+        at once (a one-shot command about to exit: the peer times out if the CLOSE is lost)."""
         if not self._finalized and not self._closing:
             self._local_close = True
             self._quic.close(error_code=error_code, reason_phrase=reason)
             self._transmit()
+        if not wait:
+            self._finalize()
+            return
         await self.wait_closed()
 
     async def wait_closed(self) -> None:
