@@ -34,7 +34,7 @@ test: lint typecheck $(STAMP)
 
 .PHONY: natlab
 natlab: $(STAMP)
-	$(BIN)/pytest -q -m netns
+	NATLAB_FULL=1 $(BIN)/pytest -q -s -m netns
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -16,7 +16,8 @@ from pathlib import Path
 def running_daemon(state: Path, *args: str, start_timeout: float = 15.0) -> Iterator[int]:
     """Run `dhtnode run --state-dir STATE --port 0 ARGS` with JSON logs in STATE/log; yields
     the UDP port it bound. SIGTERM on the way out (SIGKILL if it hangs)."""
-    state.mkdir(parents=True, exist_ok=True)
+    # 0700: the daemon refuses a state dir that group or others may write to (umask 002).
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = state / "log"
     with log.open("wb") as f:
         p = subprocess.Popen(

@@ -27,10 +27,13 @@ commands = st.sampled_from(list(m.Command))
     st.none() | keys,
     st.none() | st.binary(max_size=32),
     st.none() | st.binary(max_size=600),
+    st.integers(0, 400),
 )
-def test_request_round_trip(cmd, tid, rid, target, token, value) -> None:  # type: ignore[no-untyped-def]
-    req = m.Request(cmd, tid, rid, target, token, value)
-    assert m.decode(m.encode_request(req)) == req
+def test_request_round_trip(cmd, tid, rid, target, token, value, pad) -> None:  # type: ignore[no-untyped-def]
+    req = m.Request(cmd, tid, rid, target, token, value, pad)
+    data = m.encode_request(req)
+    assert m.decode(data) == req
+    assert m.request_size(req) == len(data)  # the answer budget counts on this
 
 
 @given(
@@ -42,9 +45,10 @@ def test_request_round_trip(cmd, tid, rid, target, token, value) -> None:  # typ
     st.none() | st.lists(addresses, max_size=20).map(tuple),
     st.none() | st.integers(0, 255),
     st.none() | st.binary(max_size=600),
+    st.booleans(),
 )
-def test_response_round_trip(cmd, tid, to, rid, token, nodes, error, value) -> None:  # type: ignore[no-untyped-def]
-    res = m.Response(cmd, tid, to, rid, token, nodes, error, value)
+def test_response_round_trip(cmd, tid, to, rid, token, nodes, error, value, more) -> None:  # type: ignore[no-untyped-def]
+    res = m.Response(cmd, tid, to, rid, token, nodes, error, value, more)
     assert m.decode(m.encode_response(res)) == res
 
 
@@ -54,11 +58,12 @@ def test_response_round_trip(cmd, tid, to, rid, token, nodes, error, value) -> N
     addresses,
     st.none() | keys,
     st.lists(addresses, max_size=20),
+    st.none() | st.binary(max_size=32),
 )
-def test_fast_nodes_encoder_matches_the_general_one(cmd, tid, to, rid, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_fast_nodes_encoder_matches_the_general_one(cmd, tid, to, rid, nodes, token) -> None:  # type: ignore[no-untyped-def]
     packed = [wire_address.encode(a) for a in nodes]
-    fast = m.encode_nodes_response(cmd, tid, to, rid, packed)
-    assert fast == m.encode_response(m.Response(cmd, tid, to, rid, None, tuple(nodes)))
+    fast = m.encode_nodes_response(cmd, tid, to, rid, packed, token)
+    assert fast == m.encode_response(m.Response(cmd, tid, to, rid, token, tuple(nodes)))
 
 
 @given(st.binary(max_size=2000))

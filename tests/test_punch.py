@@ -87,7 +87,11 @@ def test_port_step() -> None:
     assert port_step((20000, 20017, 20034)) is None  # too big a step: noise
     assert port_step((20000, 20001)) is None  # two samples are one step: not enough
     assert port_step((20000, 20001, 20003)) is None
-    assert port_step((20003, 20002, 20001)) is None  # downward is not predicted
+    # Answers come back in any order: the allocation order is recovered by sorting.
+    assert port_step((20003, 20002, 20001)) == 1
+    assert port_step((20004, 20005, 20007, 20006)) == 1
+    assert port_step((65534, 1024, 65535, 1025)) == 1  # wrapping from 65535 to 1024
+    assert port_step((20998, 20999, 20000)) is None  # a wrap inside a small pool: unknown
     assert port_step((20000, 20000, 20000)) is None  # consistent, not sequential
     assert port_step(()) is None
     assert port_step(RANDOM.port_samples) is None
@@ -97,8 +101,23 @@ def test_predict_ports() -> None:
     assert predict_ports((20000, 20001, 20002), 3) == [20003, 20004, 20005]
     assert predict_ports((20000, 20002, 20004), 2) == [20006, 20008]
     assert predict_ports((65533, 65534, 65535), 2) == [1024, 1025]  # wraps into the range
+    assert predict_ports((20002, 20000, 20001), 2) == [20003, 20004]  # newest, not last
+    assert predict_ports((65535, 1025, 1024), 1) == [1026]
     assert predict_ports(RANDOM.port_samples, 5) == []
     assert predict_ports((20000, 20001, 20002), 0) == []
+
+
+@given(st.integers(1024, 65535), st.integers(1, 16), st.integers(3, 16), st.randoms())
+def test_prediction_ignores_the_order_samples_arrived_in(
+    first: int, step: int, n: int, rng: random.Random
+) -> None:
+    # A sequential NAT's ports, answered by several nodes at once: any order, maybe wrapping.
+    span = 65535 - 1024 + 1
+    ports = [1024 + (first - 1024 + step * i) % span for i in range(n)]
+    shuffled = list(ports)
+    rng.shuffle(shuffled)
+    assert port_step(tuple(shuffled)) == step
+    assert predict_ports(tuple(shuffled), 1) == [1024 + (ports[-1] - 1024 + step) % span]
 
 
 # --- wire -----------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from dhtnode.dht.routing import SMALL_TABLE, RoutingTable
 
 
 def addr(i: int) -> tuple[str, int]:
-    return (f"198.51.100.{i % 250 + 1}", 1000 + i)
+    # One host each, over 250 prefixes: the diversity bounds (tested in tests/adversarial/)
+    # never bind, so closest() must be the plain XOR ranking.
+    return (f"198.18.{i % 250}.{i // 250 % 250 + 1}", 1000 + i)
 
 
 @pytest.mark.parametrize("offered", [30, 3000])  # ranked whole, and by the bucket walk

@@ -195,7 +195,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
                  f"{conn.connect_ms:.0f} ms)", err=True)
             reader, writer = await conn.open_stream()
             await asyncio.gather(_stdin_to_stream(writer), _stream_to_stdout(reader))
-            await conn.close()
+            await conn.close(wait=False)
         return EXIT_OK
 
     return run_async(main())

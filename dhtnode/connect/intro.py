@@ -4,7 +4,9 @@ us, and the sealed reply back.
 Owns INTRODUCE (client -> us). The client must hold a write token for its source address (it
 got one from our LOOKUP answer), so a forged source address cannot make us, or the listener,
 send anything toward a third party. We forward as INTRO_FORWARD to the address the listener's
-record was written from, adding the client's address as we saw it; the listener's answer goes
+record was written from, adding the client's address as we saw it and echoing the listener's
+token (our proof of address; without one it answers error 2 with a token, and we retry once
+with it); the listener's answer goes
 back with the listener's address as we saw it; while we serve, both also get a relay
 session of ours (``connect/relay.py``) with a token bound to their address. We cannot read,
 forge or replay what we carry (``connect/handshake.py``). Bounded: INTRODUCEs per source IP
@@ -15,6 +17,7 @@ Must not punch, connect, or look inside the hello.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Mapping
 
@@ -102,7 +105,30 @@ class Introducer(Service):
         client_block = encode_offer(offer[0], offer[1]) if offer else encode_offer(None, None)
         listener_block = encode_offer(offer[0], offer[2]) if offer else encode_offer(None, None)
 
-        def answered(resp: m.Response | None) -> None:
+        def forward(first: bool) -> None:
+            self._rpc.request(
+                listener,
+                m.Command.INTRO_FORWARD,
+                functools.partial(answered, first),
+                target=req.target,
+                value=body,
+                retries=1,
+                timeout=FORWARD_TIMEOUT,
+                user_op=True,
+            )
+
+        def answered(first: bool, resp: m.Response | None) -> None:
+            if (
+                first
+                and resp is not None
+                and resp.error == m.ErrorCode.BAD_TOKEN
+                and resp.token is not None
+            ):
+                # The listener wants proof of our address; the retry echoes the token its
+                # answer carried (Rpc keeps it for later forwards too).
+                ctx.stats["introduce_forward_retry"] += 1
+                forward(False)
+                return
             self._in_flight -= 1
             if resp is None or resp.error is not None or resp.value is None:
                 ctx.stats["introduce_unanswered"] += 1
@@ -112,13 +138,4 @@ class Introducer(Service):
             respond(req, source, value=wire_address.encode(listener) + client_block + resp.value)
 
         body = wire_address.encode(source) + listener_block + req.value
-        self._rpc.request(
-            listener,
-            m.Command.INTRO_FORWARD,
-            answered,
-            target=req.target,
-            value=body,
-            retries=1,
-            timeout=FORWARD_TIMEOUT,
-            user_op=True,
-        )
+        forward(True)

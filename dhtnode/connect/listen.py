@@ -5,7 +5,8 @@ serves; the record names up to three storers as its introducers. It keeps its NA
 towards them alive (a PING every :data:`KEEPALIVE_INTERVAL`: Linux forgets an idle UDP
 mapping after 30 s), and announces again when one stops answering or our address changes.
 
-Owns INTRO_FORWARD (introducer -> us): only from a node we sent to (our introducers); opens
+Owns INTRO_FORWARD (introducer -> us): only from a node that stored our record and proved its
+address with our token (else error 2 with a token, and the introducer retries); opens
 the hello (``handshake.py``), refuses keys the allow-list or callback rejects (the client gets
 "refused", sealed, not a timeout), answers a retransmitted hello with the same reply and no new
 attempt, and hands every accepted introduction to ``on_intro`` (the asyncio layer punches).
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from dhtnode.connect.handshake import HandshakeError, ReplayGuard, ServerHandshake, open_hello
 from dhtnode.connect.peerinfo import PeerInfo, PeerInfoError
 from dhtnode.connect.relay import RelayOffer, decode_offer
+from dhtnode.crypto import tokens
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.ids import listen_topic
@@ -87,8 +89,9 @@ class Listeners(Service):
         #: Our LAN addresses (the driver fills them in: it knows the interfaces and port).
         self.lan_addresses: tuple[Address, ...] = ()
         #: Mapped ports the driver sampled from a fresh socket after the DHT's samples went
-        #: stale (a sequential NAT moves on with every new flow); sent after the DHT's.
+        #: stale (a sequential NAT moves on with every new flow): see :meth:`set_fresh_samples`.
         self.fresh_port_samples: tuple[int, ...] = ()
+        self._fresh_base: frozenset[int] = frozenset()
         topics.on_announced = self._announced
 
     def handlers(self) -> Mapping[m.Command, Handler]:
@@ -106,10 +109,24 @@ class Listeners(Service):
         return PeerInfo(
             nat_class=nat.value if st.fixed_public is None else NatClass.CONSISTENT.value,
             open=st.reachable,
-            port_samples=(ctx.observer.port_samples + self.fresh_port_samples)[-16:],
+            port_samples=self._port_samples(),
             public_addresses=tuple(public)[:4],
             lan_addresses=self.lan_addresses[:4],
         )
+
+    def set_fresh_samples(self, ports: tuple[int, ...]) -> None:
+        """Mapped ports just sampled from a new socket, in the order the NAT allocated them.
+        They stand for our NAT's position until the DHT shows a port they do not know."""
+        self.fresh_port_samples = ports[-16:]
+        self._fresh_base = frozenset(self._ctx.observer.port_samples)
+
+    def _port_samples(self) -> tuple[int, ...]:
+        seen = self._ctx.observer.port_samples
+        if self.fresh_port_samples and self._fresh_base.issuperset(seen):
+            # Newer than every DHT sample: mixing in the old ones could only hide where the
+            # NAT is now (a wrapped sequential pool sorts the old samples last).
+            return self.fresh_port_samples
+        return seen[-16:]
 
     def listen(
         self,
@@ -179,9 +196,16 @@ class Listeners(Service):
             ctx.stats["drop_intro_unknown"] += 1
             self._rpc.respond(req, source, error=m.ErrorCode.NOT_FOUND)
             return
-        # Only a node we announced to (or pinged) may hand us introductions.
-        if source not in ctx.sent_to:
+        # Only a node that stored our record may hand us introductions (an address we merely
+        # sent to could be planted with a forged request), and only once it proved its address
+        # with our token: whoever read our record could otherwise forge its INTRO_FORWARD and
+        # aim our punch at a victim. Its retry echoes the token this error carries.
+        if source not in self._topics.storers(lst.topic):
             ctx.stats["drop_intro_stranger"] += 1
+            return
+        if self._rpc.proof(req, source) == tokens.INVALID:
+            ctx.stats["drop_intro_unproven"] += 1
+            self._rpc.respond(req, source, error=m.ErrorCode.BAD_TOKEN)
             return
         try:
             client_addr, pos = wire_address.decode(req.value)

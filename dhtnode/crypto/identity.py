@@ -5,13 +5,16 @@ Key file format (text, mode 0600)::
     dhtnode-ed25519-seed-v1
     <64 hex characters: the 32-byte private seed>
 
-The file is created atomically and never overwritten. A key file that others can read, or that
-does not parse, is refused with a message naming the file and the fix: a node must not run
+The file is created atomically and never overwritten. A key file that others can read or
+write, that another user owns, that is a symbolic link (it is opened with ``O_NOFOLLOW``: a
+link planted in a shared directory must not make us read, or publish as ours, another file), or
+that does not parse, is refused with a message naming the file and the fix: a node must not run
 with a leaked key, nor silently replace an identity its peers know.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -75,19 +78,56 @@ def encode_key_file(identity: Identity) -> bytes:
     return f"{KEY_FILE_HEADER}\n{identity.seed.hex()}\n".encode()
 
 
-def load_identity(path: Path) -> Identity:
+#: Largest key file read: the real one is 89 bytes; anything much larger is not ours.
+MAX_KEY_FILE = 4096
+
+
+def _read_key_file(path: Path) -> bytes:
+    """The key file's bytes, opened without following a symbolic link and checked on the open
+    descriptor (no window between the check and the read): a regular file, owned by us, with
+    no access for group or others."""
     try:
-        st = path.stat()
+        # O_NONBLOCK: a FIFO planted at the path must not hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateError(
+                f"identity key {path} is a symbolic link; refusing to follow it (whoever can "
+                "change the link chooses our key). Fix: replace the link with the key file "
+                f"itself (mv \"$(readlink -f {path})\" {path}), or pass the real path"
+            ) from None
+        raise StateError(f"cannot read identity key {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StateError(
+                f"identity key {path} is not a regular file; move it away to create a new "
+                "identity, or point at the key file"
+            )
+        if st.st_uid != os.geteuid():
+            raise StateError(
+                f"identity key {path} is owned by uid {st.st_uid}, not by this user (uid "
+                f"{os.geteuid()}): another user could have read or replaced it. Fix: if the "
+                f"key is yours, chown {os.geteuid()} {path}; otherwise move it away to create "
+                "a new identity"
+            )
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise StateError(
+                f"identity key {path} is readable or writable by other users (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); fix with: chmod 600 {path}"
+            )
+        return os.read(fd, MAX_KEY_FILE)
     except OSError as exc:
         raise StateError(f"cannot read identity key {path}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise StateError(
-            f"identity key {path} is readable by other users (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}); fix with: chmod 600 {path}"
-        )
+    finally:
+        os.close(fd)
+
+
+def load_identity(path: Path) -> Identity:
+    raw = _read_key_file(Path(path))
     try:
-        lines = path.read_text(encoding="ascii").split()
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = raw.decode("ascii").split()
+    except UnicodeDecodeError as exc:
         raise StateError(f"cannot read identity key {path}: {exc}") from None
     if len(lines) != 2 or lines[0] != KEY_FILE_HEADER:
         raise StateError(

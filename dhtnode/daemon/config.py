@@ -80,7 +80,8 @@ class RecordsConfig:
     max_total: int = _ENGINE.max_records
     #: Records per topic.
     max_per_topic: int = _ENGINE.max_records_per_topic
-    #: Records per announcing IP address.
+    #: Records (and withdrawal markers) per announcing host: an IPv4 address or an IPv6 /64;
+    #: four times this per /24 or /48.
     max_per_ip: int = _ENGINE.max_records_per_ip
 
 

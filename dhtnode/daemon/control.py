@@ -4,6 +4,10 @@ A Unix stream socket created with mode 0600 in the state dir (only the daemon's 
 use it). One JSON object per line each way: a request ``{"cmd": "status", ...}`` gets
 ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.
 
+The daemon deletes nothing at the control path but a socket: a stale one left by a daemon
+that died is replaced; a regular file, a directory or a symbolic link there (a mistyped
+``[control] socket`` setting, or a planted link) is refused with the fix, and left alone.
+
 Owns the socket and the framing only; what each command does is the daemon's handler.
 """
 
@@ -14,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -43,14 +48,40 @@ def _socket_in_use(path: Path) -> bool:
         s.close()
 
 
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "not a socket"
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler) -> None:
         self.path = path
         self._handler = handler
         self._server: asyncio.base_events.Server | None = None
+        # (device, inode) of the socket we created: the only thing close() may delete.
+        self._created: tuple[int, int] | None = None
 
     async def start(self) -> None:
-        if self.path.exists() or self.path.is_symlink():
+        st = _lstat(self.path)
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ControlError(
+                    f"control socket path {self.path} is {_kind(st.st_mode)}, not a socket; "
+                    "refusing to delete it. Fix: set [control] socket (or --state-dir) to a "
+                    "path where nothing exists yet, or move that file away yourself"
+                )
             if _socket_in_use(self.path):
                 raise ControlError(
                     f"another daemon is already listening on {self.path}; stop it first or "
@@ -65,6 +96,9 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        st = _lstat(self.path)
+        if st is not None:
+            self._created = (st.st_dev, st.st_ino)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -72,8 +106,14 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        st = _lstat(self.path)
+        # Only our own socket: something else may have been put there meanwhile.
+        if st is not None and stat.S_ISSOCK(st.st_mode) and (
+            (st.st_dev, st.st_ino) == self._created
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self._created = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -340,7 +340,7 @@ async def ping_key(conns: Connections, key_hex: str) -> dict[str, Any]:
             "connected, but the peer does not echo (is it `dhtnode listen --echo`?)"
         ) from exc
     finally:
-        await conn.close()
+        await conn.close(wait=False)
     return {
         "public_key": key.hex(),
         "path": conn.path,

@@ -9,12 +9,18 @@ Layout::
 
 The node cache is a hint, not a truth: a corrupt one is moved aside to nodes.json.corrupt
 (kept for inspection) and the node starts from its bootstrap list.
+
+The directory must be ours and closed to others: one that another user owns, or that group or
+others may write to, is refused with the fix (``chmod 700 DIR``, ``chown``). Whoever can write
+in it can swap the identity key, plant a symbolic link, or put a file where the control
+socket goes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from dhtnode.daemon.atomic import write_atomic
@@ -36,12 +42,36 @@ def ensure_state_dir(path: Path) -> Path:
         raise StateError(
             f"cannot create state dir {path}: {exc.strerror}; choose another with --state-dir"
         ) from None
+    check_private_dir(path, "state dir")
     if not os.access(path, os.W_OK | os.X_OK):
         raise StateError(
             f"state dir {path} is not writable by this user; fix its ownership or choose "
             "another with --state-dir"
         )
     return path
+
+
+def check_private_dir(path: Path, what: str) -> None:
+    """Refuse a directory another user owns or that group or others may write to."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise StateError(f"cannot use {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"{what} {path} is not a directory; choose another with --state-dir")
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise StateError(
+            f"{what} {path} is owned by uid {st.st_uid}, not by this user (uid {me}), who "
+            f"could swap the identity key in it. Fix: chown {me} {path} && chmod 700 {path}, "
+            "or choose another with --state-dir"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StateError(
+            f"{what} {path} is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}), who could swap the identity key in it. "
+            f"Fix: chmod 700 {path}"
+        )
 
 
 def save_node_cache(state_dir: Path, nodes: list[Address], *, now: float) -> None:

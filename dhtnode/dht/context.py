@@ -9,6 +9,8 @@ reachability) and to services plugged in from outside (``dhtnode.connect``). It 
 * two sources of randomness: ``rng`` for jitter and sampling (seeded in the simulator), and
   ``secret_bytes`` for anything an attacker must not predict (transaction ids, nonces, token
   secrets), which comes from the OS in production;
+* the **token issuer** (``crypto/tokens.py``): one secret for write tokens and address proofs,
+  shared by the RPC layer (answer budgets), storage (writes) and services (introductions);
 * the node's **standing** (client or server, reachable, public address), written only by
   ``dht/node.py`` and read by everyone else.
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dhtnode.crypto.identity import Identity
+from dhtnode.crypto.tokens import TokenIssuer
 from dhtnode.dht.routing import RoutingTable
 from dhtnode.dht.sent import SentMemory
 from dhtnode.dht.timers import Timer, TimerQueue
@@ -96,6 +99,8 @@ class NodeContext:
         self.wall = wall
         self.rng = rng
         self.secret_bytes = secret_bytes
+        #: Tokens bound to a requester's address: write tokens and proofs of address.
+        self.tokens = TokenIssuer(secret_bytes, now)
         self.stats: Counter[str] = Counter()
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.out: list[tuple[bytes, Address]] = []

@@ -1,7 +1,9 @@
 """The routing table's upkeep and the answers that come from it.
 
-Owns: admitting contacts (only ids that match their source address; ping-before-evict when a
-bucket is full), PING and FIND_NODE answers, bucket refresh, growth lookups while the table is
+Owns: admitting contacts (only ids that match their source address, and only once they
+answered one of our requests, as BEP 5 has it: a request from an unknown server earns it a
+verification PING, at a bounded rate; ping-before-evict when a bucket is full), PING and
+FIND_NODE answers, bucket refresh, growth lookups while the table is
 thin, and rebuilding the table around a new local id when the node's standing changes.
 
 Must not decide the node's standing (``node.py``) or touch records (``storage.py``).
@@ -9,16 +11,28 @@ Must not decide the node's standing (``node.py``) or touch records (``storage.py
 
 from __future__ import annotations
 
+from dhtnode.crypto import tokens
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.ids import node_id_for
 from dhtnode.dht.query import Queries
+from dhtnode.dht.ratelimit import TokenBucket
 from dhtnode.dht.routing import Contact, RoutingTable
 from dhtnode.dht.rpc import Rpc
+from dhtnode.wire import address as wire_address
 from dhtnode.wire import messages as m
 from dhtnode.wire.address import Address
 
 #: Seconds after joining before the first extra self-lookup of a thin routing table.
 FIRST_GROW_DELAY = 2.0
+#: Verification PINGs to unknown requesters per second: forged requests can make the node
+#: ping the addresses they name only this often.
+VERIFY_RATE = 4.0
+#: ... and in a burst: enough for the wave of newcomers a young network sees.
+VERIFY_BURST = 32.0
+#: Requesters remembered as being verified (not pinged again meanwhile).
+MAX_VERIFYING = 256
+#: Seconds before an unanswered verification may be tried again.
+VERIFY_RETRY = 60.0
 
 
 class Maintenance:
@@ -27,6 +41,8 @@ class Maintenance:
         self._rpc = rpc
         self._queries = queries
         self._grow_delay = FIRST_GROW_DELAY
+        self._verify_budget = TokenBucket(VERIFY_RATE, VERIFY_BURST, ctx.now)
+        self._verifying: dict[Address, float] = {}
         rpc.register(m.Command.PING, self._on_ping)
         rpc.register(m.Command.FIND_NODE, self._on_find_node)
         ctx.call_later(ctx.params.bucket_refresh / 4, self._refresh_buckets)
@@ -35,18 +51,47 @@ class Maintenance:
         """After joining: look up our neighbourhood again while the table is thin."""
         self._ctx.call_later(self._grow_delay, self._grow_table)
 
-    def seen(self, claimed_id: bytes, source: Address) -> None:
-        """A request or response carried ``claimed_id``: admit the sender if the id is its."""
+    def seen(self, claimed_id: bytes, source: Address, *, answered: bool = True) -> None:
+        """A response (``answered``) or a request carried ``claimed_id``. An answer to our own
+        request admits the sender if the id is its; a request only refreshes a known contact,
+        or earns an unknown one a verification PING (its source may be forged)."""
         ctx = self._ctx
         if claimed_id != node_id_for(source):
             ctx.stats["drop_bad_id"] += 1
             return
         if source == ctx.standing.public:
             return
+        if not answered:
+            if not ctx.table.touch(source, ctx.now):
+                self._verify(claimed_id, source)
+            return
         stale = ctx.table.add(claimed_id, source, ctx.now)
         if stale is not None:
             # Full bucket: keep the old contact if it still answers (Kademlia's rule).
             self._rpc.request(stale.addr, m.Command.PING)
+
+    def _verify(self, claimed_id: bytes, source: Address) -> None:
+        """PING an unknown server that sent us a request, if the table would take it: its
+        answer (through :meth:`seen`) admits it. Only servers do this; clients fill their
+        tables from the answers their own lookups get."""
+        ctx = self._ctx
+        if not ctx.standing.server or not ctx.table.admits(claimed_id, source):
+            return
+        since = self._verifying.get(source)
+        if since is not None and ctx.now - since < VERIFY_RETRY:
+            return
+        if not self._verify_budget.take(ctx.now):
+            ctx.stats["verify_rate_limited"] += 1
+            return
+        self._verifying[source] = ctx.now
+        while len(self._verifying) > MAX_VERIFYING:
+            del self._verifying[next(iter(self._verifying))]
+        ctx.stats["verify_ping"] += 1
+
+        def done(_: m.Response | None) -> None:
+            self._verifying.pop(source, None)
+
+        self._rpc.request(source, m.Command.PING, done)
 
     def rebuild(self, local_id: bytes) -> None:
         old = list(self._ctx.table)
@@ -79,9 +124,32 @@ class Maintenance:
         if req.target is None:
             self._rpc.respond(req, source, error=m.ErrorCode.MISSING_FIELD)
             return
-        packed = [c.packed for c in self.closer_contacts(req.target, source)]
         ctx = self._ctx
-        ctx.send(m.encode_nodes_response(req.command, req.tid, source, ctx.node_id, packed), source)
+        rpc = self._rpc
+        packed = [c.packed for c in self.closer_contacts(req.target, source)]
+        # The hot path of Rpc.respond: an unproven source gets a token (its next request is
+        # proven) and the nearest nodes its amplification budget allows (requesters pad a
+        # first request so that all k fit); an aging token is refreshed.
+        proof = rpc.proof(req, source)
+        token = None if proof == tokens.CURRENT else ctx.tokens.issue(source, ctx.now)
+        if proof == tokens.INVALID:
+            # Nodes are of the requester's family: all as long as its own address.
+            alen = wire_address.compact_len(source)
+            fixed = m.HEADER_LEN + alen + (32 if ctx.node_id else 0) + 1 + tokens.TOKEN_LEN + 1
+            budget = rpc.answer_budget(req, source, proof)
+            if budget < fixed:
+                # Our PING to verify it took most of the budget: no room for a token either.
+                token = None
+                fixed -= 1 + tokens.TOKEN_LEN
+                if budget < fixed:
+                    ctx.stats["drop_over_budget"] += 1
+                    return
+            fit = (budget - fixed) // alen
+            if fit < len(packed):
+                ctx.stats["answer_trimmed"] += 1
+                del packed[fit:]
+        data = m.encode_nodes_response(req.command, req.tid, source, ctx.node_id, packed, token)
+        ctx.send(data, source)
 
     def _refresh_buckets(self) -> None:
         ctx = self._ctx

@@ -346,7 +346,9 @@ class DhtNode:
 
     def _request_seen(self, req: m.Request, source: Address) -> None:
         if req.id is not None:
-            self.maintenance.seen(req.id, source)
+            # A request's source may be forged: it refreshes a known contact, or earns an
+            # unknown one a verification PING; only an answer admits (BEP 5).
+            self.maintenance.seen(req.id, source, answered=False)
         self.reachability.request_seen(req, source)
 
     def _request_failed(self, addr: Address) -> None:

@@ -13,12 +13,23 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 
+from dhtnode.crypto.tokens import TOKEN_LEN
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.lookup import Lookup
 from dhtnode.dht.op import Op
 from dhtnode.dht.rpc import Rpc
+from dhtnode.wire import address as wire_address
 from dhtnode.wire import messages as m
 from dhtnode.wire.address import Address
+
+
+def nodes_answer_size(addr: Address, k: int) -> int:
+    """Bytes of a full closer-nodes answer from ``addr`` to a requester it has no proof from:
+    header, ``to``, id, token and k addresses of its family. Each hop of a walk pads its
+    request to a peer whose token we lack so that this fits the peer's amplification budget:
+    the walk gets whole node lists without an extra round trip."""
+    alen = wire_address.compact_len(addr)
+    return m.HEADER_LEN + alen + 32 + 1 + TOKEN_LEN + 1 + k * alen
 
 
 class Queries:
@@ -66,6 +77,7 @@ class Queries:
                     target=target,
                     on_slow=functools.partial(slow, addr),
                     user_op=user_op,
+                    expect=nodes_answer_size(addr, k),
                 )
             if lk.done:
                 op.set_result(lk)

@@ -7,6 +7,13 @@ everyone, it keeps a *probe reserve*: servers it heard of and never contacts (in
 RPC send policy), which it names as helpers. Verdicts go to ``on_verdict``; the node decides
 what they mean for its standing.
 
+No request makes a node send to an address that did not ask (docs/PROTOCOL.md, "Security:
+address validation"): a CHECK_REACHABLE is served only for an asker that proved its address
+with our token; helpers are picked only among requesters that proved theirs; a helper takes a
+FORWARD_PROBE only from a node it deals with (in its table, or it answered our requests) that
+proves its address too, and probes only the asker that node vouches for. A missing proof is
+answered with error 2 (bad token) carrying a token; the asker retries once with it.
+
 Owns CHECK_REACHABLE, FORWARD_PROBE and PROBE. Must not change the node's standing itself.
 """
 
@@ -17,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from dhtnode.crypto import tokens
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.rpc import Rpc
 from dhtnode.dht.timers import Timer
@@ -108,13 +116,13 @@ class Reachability:
 
     def request_seen(self, req: m.Request, source: Address) -> None:
         ctx = self._ctx
-        if (
-            not ctx.standing.ephemeral
-            and req.command is not m.Command.PROBE  # judged by its nonce, in _on_probe
-            and not ctx.sent_to.solicited(source)
-        ):
-            self._on_unsolicited_request(source)
-        if req.command is not m.Command.PROBE:
+        if req.command is m.Command.PROBE:
+            return  # judged by its nonce, in _on_probe
+        if not ctx.standing.ephemeral and not ctx.sent_to.solicited(source):
+            self._on_unsolicited_request(req, source)
+        if self._rpc.proof(req, source) != tokens.INVALID:
+            # Only a requester that proved its address may be asked to help: a forged source
+            # must not become the target of our FORWARD_PROBEs.
             self._recent_requesters[source] = ctx.now
             self._recent_requesters.move_to_end(source)
             if len(self._recent_requesters) > MAX_RECENT_REQUESTERS:
@@ -145,10 +153,14 @@ class Reachability:
 
     # ------------------------------------------------------------------ our own checks
 
-    def _on_unsolicited_request(self, source: Address) -> None:
+    def _on_unsolicited_request(self, req: m.Request, source: Address) -> None:
         """A request from an address we never sent to got through: whatever is in front of us
         lets strangers in, which is what reachability means. While our public address in its
-        family is unknown (the first node of a network has nobody to ask), ask the stranger."""
+        family is unknown (the first node of a network has nobody to ask), ask the stranger.
+
+        The source may be forged: our PING comes out of the request's answer budget (Rpc
+        counts it), so it is sent only if it leaves room for the smallest answer. A one-shot
+        client's bare PING leaves room while we have no id (the first node of a network)."""
         ctx = self._ctx
         if not ctx.standing.reachable:
             ctx.emit("reachable_by_request", **{"from": wire_address.format_addr(source)})
@@ -158,11 +170,21 @@ class Reachability:
             ctx.standing.fixed_public is None
             and self._address_pings < MAX_ADDRESS_PINGS
             and all(wire_address.family_of(a[0]) != family for a in ctx.observer.public_addresses)
+            and self._affords_ping(req, source)
         ):
             # Our address in the stranger's family is unknown (the first node of a network, or
             # the other family of a dual-stack node): its answer tells it.
             self._address_pings += 1
-            self._rpc.request(source, m.Command.PING)
+            # Without our id: the smallest request there is, to leave room for our answer.
+            self._rpc.request(source, m.Command.PING, anonymous=True)
+
+    def _affords_ping(self, req: m.Request, source: Address) -> bool:
+        """Do our (anonymous) PING to ``source`` and the smallest answer to ``req`` fit its
+        budget? The PING takes 36 bytes of an IPv4 budget, 56 of an IPv6 one."""
+        id_len = 32 if self._ctx.node_id is not None else 0
+        ping = m.HEADER_LEN + wire_address.datagram_overhead(source)
+        answer = m.HEADER_LEN + wire_address.compact_len(source) + id_len
+        return self._rpc.answer_budget(req, source) >= ping + answer
 
     def _check_reachability(self) -> None:
         ctx = self._ctx
@@ -201,15 +223,39 @@ class Reachability:
             if helper is not None:
                 check.named.append(helper)
             value = nonce if helper is None else nonce + wire_address.encode(helper)
-            self._rpc.request(
-                addr,
-                m.Command.CHECK_REACHABLE,
-                functools.partial(self._check_answered, nonce, check),
-                value=value,
-            )
+            self._ask_check(nonce, check, addr, value, True)
         check.timer = ctx.call_at(check.expires, lambda: self._check_done(nonce))
 
-    def _check_answered(self, nonce: bytes, check: _Check, resp: m.Response | None) -> None:
+    def _ask_check(
+        self, nonce: bytes, check: _Check, addr: Address, value: bytes, first: bool
+    ) -> None:
+        self._rpc.request(
+            addr,
+            m.Command.CHECK_REACHABLE,
+            functools.partial(self._check_answered, nonce, check, addr, value, first),
+            value=value,
+        )
+
+    def _check_answered(
+        self,
+        nonce: bytes,
+        check: _Check,
+        addr: Address,
+        value: bytes,
+        first: bool,
+        resp: m.Response | None,
+    ) -> None:
+        if (
+            first
+            and resp is not None
+            and resp.error == m.ErrorCode.BAD_TOKEN
+            and resp.token is not None
+            and nonce in self._checks
+        ):
+            # It wants proof of our address first; its answer carried a token, which the
+            # retry echoes (Rpc keeps it). One round trip more, on the first check only.
+            self._ask_check(nonce, check, addr, value, False)
+            return
         check.answers += 1
         if resp is not None and resp.error is None:
             check.forwarded = True
@@ -284,6 +330,11 @@ class Reachability:
 
     def _on_check_reachable(self, req: m.Request, source: Address) -> None:
         ctx = self._ctx
+        if self._rpc.proof(req, source) == tokens.INVALID:
+            # Helpers will send a PROBE to the source: it must prove it is there and asked.
+            ctx.stats["check_reachable_unproven"] += 1
+            self._rpc.respond(req, source, error=m.ErrorCode.BAD_TOKEN)
+            return
         if req.value is None or len(req.value) < NONCE_LEN:
             self._rpc.respond(req, source, error=m.ErrorCode.MISSING_FIELD)
             return
@@ -298,9 +349,12 @@ class Reachability:
             if end != len(req.value):
                 ctx.stats["drop_malformed"] += 1
                 return
-            # Only a node we know may be made to receive a FORWARD_PROBE (no reflection to
-            # arbitrary addresses).
-            if named != source and (named in ctx.sent_to or ctx.table.get(named)):
+            # Only a node we deal with may be made to receive a FORWARD_PROBE: one in our
+            # table or that answered our requests (an address we merely answered could be
+            # planted with a forged request).
+            if named != source and (
+                ctx.table.get(named) is not None or self._rpc.answered_recently(named)
+            ):
                 helpers.append(named)
         helpers += [
             h for h in self._pick_probe_helpers(source, PROBE_HELPERS) if h not in helpers
@@ -312,9 +366,23 @@ class Reachability:
         # counts a missing probe as evidence against itself.
         left = len(helpers)
 
-        def acked(resp: m.Response | None) -> None:
+        def ask(helper: Address, first: bool) -> None:
+            self._rpc.request(
+                helper, m.Command.FORWARD_PROBE, functools.partial(acked, helper, first),
+                value=body,
+            )
+
+        def acked(helper: Address, first: bool, resp: m.Response | None) -> None:
             nonlocal left
             if left <= 0:
+                return
+            if (
+                first
+                and resp is not None
+                and resp.error == m.ErrorCode.BAD_TOKEN
+                and resp.token is not None
+            ):
+                ask(helper, False)  # it wants proof of our address: echo its token
                 return
             left -= 1
             if resp is not None and resp.error is None:
@@ -325,11 +393,12 @@ class Reachability:
 
         body = wire_address.encode(source) + nonce
         for helper in helpers:
-            self._rpc.request(helper, m.Command.FORWARD_PROBE, acked, value=body)
+            ask(helper, True)
 
     def _pick_probe_helpers(self, source: Address, n: int) -> list[Address]:
-        """Nodes other than ``source`` that recently sent us a request (so they accept our
-        FORWARD_PROBE), preferring other IPs than the checked node's. One proven server
+        """Nodes other than ``source`` that recently sent us a request with a proof of their
+        address (so they accept our FORWARD_PROBE: they asked us, we answered), preferring
+        other IPs than the checked node's. One proven server
         (from our table) comes first: it always helps, so the nodes behind NATs get their
         verdict without spending the probes of newcomers that still need their own."""
         ctx = self._ctx
@@ -344,9 +413,17 @@ class Reachability:
 
     def _on_forward_probe(self, req: m.Request, source: Address) -> None:
         ctx = self._ctx
-        # Only nodes we use may make us send a datagram to a third party, at a bounded rate.
-        if source not in ctx.sent_to or req.value is None:
+        # Only nodes we deal with (in our table, or they answered our requests: not merely an
+        # address we answered, which a forged request can plant) may make us send a datagram
+        # to a third party, and only once they proved their address, at a bounded rate.
+        if req.value is None or not (
+            ctx.table.get(source) is not None or self._rpc.answered_recently(source)
+        ):
             ctx.stats["drop_forward_probe"] += 1
+            return
+        if self._rpc.proof(req, source) == tokens.INVALID:
+            ctx.stats["forward_probe_unproven"] += 1
+            self._rpc.respond(req, source, error=m.ErrorCode.BAD_TOKEN)
             return
         if self._probes_this_tick >= MAX_PROBES_PER_TICK:
             ctx.stats["drop_forward_probe_rate"] += 1

@@ -10,15 +10,28 @@ let the node see traffic without the parts knowing of each other: ``on_response`
 matched response, before its callback) and ``on_request`` (every request, before its handler).
 A send ``policy`` may refuse a request before it leaves (the probe reserve does).
 
+**Address validation** (docs/PROTOCOL.md, "Security: address validation"). A request's source
+address may be forged, so an answer must not be a way to flood a third party. A requester
+proves it receives at its address by echoing a token of ours (``ctx.tokens``) that an earlier
+answer gave it; :meth:`Rpc.respond` keeps every answer to an unproven source within
+:data:`AMPLIFICATION_LIMIT` times the request on the wire (trimming closer-node lists, then
+withholding the value with the MORE flag) and hands such a source a token, so that its next
+request is proven. On the requesting side every matched answer's token is kept
+(:meth:`Rpc.peer_token`) and echoed in our next requests to that peer; a caller that expects a
+large answer before it holds a token pads its request instead (``expect``), as QUIC pads its
+first packet.
+
 Must not know what any command means.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from dhtnode.crypto import tokens
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.op import NoAnswer, Op
 from dhtnode.dht.timers import Timer
@@ -28,6 +41,22 @@ from dhtnode.wire.address import Address
 
 #: Requests allowed in flight at once; past this new requests fail at once (backpressure).
 MAX_INFLIGHT = 4096
+#: Most bytes on the wire (IP and UDP headers included) we answer per request byte on the wire
+#: to a source that has not proven its address: QUIC's limit before address validation
+#: (RFC 9000 section 8.1). A forged-source flood then gains an attacker at most 3x.
+AMPLIFICATION_LIMIT = 3
+#: Bytes of answer (headers excluded) that even the smallest request (a bare 8-byte header
+#: over IPv4) may get: answers this small need no budget reckoning.
+SMALLEST_BUDGET = AMPLIFICATION_LIMIT * (m.HEADER_LEN + 28) - 28
+#: Peers whose token (and last answer) we remember; the least recently heard are forgotten.
+MAX_PEER_TOKENS = 4096
+#: Seconds we echo a peer's token after receiving it: a token stays valid until the second
+#: secret rotation after it was made (``crypto/tokens.py``), at least one interval and at most
+#: two. An expired echo costs one trimmed answer, which carries a fresh token.
+PEER_TOKEN_TTL = 2 * tokens.ROTATE_INTERVAL
+#: Seconds a peer that answered one of our requests counts as one we deal with (helpers and
+#: listeners act only for such peers): as long as the sent-to memory (``dht/sent.py``).
+ANSWERED_TTL = 600.0
 
 #: A request handler: (request, source address).
 Handler = Callable[[m.Request, Address], None]
@@ -53,6 +82,15 @@ class _Pending:
     slow_timer: Timer | None = None
 
 
+@dataclass(slots=True)
+class _Peer:
+    """What we know of a peer from its answers to our requests."""
+
+    token: bytes | None
+    token_at: float
+    answered_at: float
+
+
 class Rpc:
     def __init__(self, ctx: NodeContext) -> None:
         self._ctx = ctx
@@ -66,6 +104,13 @@ class Rpc:
         self.policy: Callable[[Address], bool] = lambda a: True
         #: A request to this address timed out for good (the routing table forgets it).
         self.on_failure: Callable[[Address], None] = lambda a: None
+        #: Peers that answered our requests: their token for us, and when they last answered.
+        self._peers: OrderedDict[Address, _Peer] = OrderedDict()
+        #: The last request whose proof was checked, and the verdict: taps and the handler
+        #: all ask about the same request.
+        self._proved: tuple[m.Request | None, int] = (None, tokens.INVALID)
+        #: The last request that made the taps send to its source, and those bytes on the wire.
+        self._spent: tuple[m.Request | None, int] = (None, 0)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -96,9 +141,15 @@ class Rpc:
         timeout: float | None = None,
         on_slow: Callable[[], None] | None = None,
         user_op: bool = False,
+        expect: int = 0,
+        anonymous: bool = False,
     ) -> None:
         """Send a request; ``on_done`` gets the response, or None after the last timeout.
-        ``user_op``: a user's operation, which the send policy may not hold back."""
+        ``user_op``: a user's operation, which the send policy may not hold back.
+        ``token``: defaults to the token ``addr`` last gave us (our proof of address to it).
+        ``expect``: bytes of the answer we hope for; without a token the request is padded
+        so that an answer that large fits the peer's budget for unproven sources.
+        ``anonymous``: without our id, to keep the request as small as it can be."""
         ctx = self._ctx
         if len(self._pending) >= MAX_INFLIGHT:
             ctx.stats["request_backpressure"] += 1
@@ -109,7 +160,17 @@ class Rpc:
             on_done(None)
             return
         tid = self._next_tid()
-        data = m.encode_request(m.Request(command, tid, ctx.node_id, target, token, value))
+        if token is None:
+            token = self.peer_token(addr)
+        req = m.Request(command, tid, None if anonymous else ctx.node_id, target, token, value)
+        if expect and token is None:
+            overhead = wire_address.datagram_overhead(addr)
+            need = -(-(expect + overhead) // AMPLIFICATION_LIMIT) - overhead
+            short = need - m.request_size(req)
+            if short > 0:
+                # The PAD field's own two length bytes count towards the size too.
+                req = replace(req, pad=max(1, short - 2))
+        data = m.encode_request(req)
         wait = timeout if timeout is not None else ctx.params.request_timeout
         p = _Pending(tid, addr, data, retries, on_done, wait)
         self._pending[tid] = p
@@ -134,8 +195,84 @@ class Rpc:
         return op
 
     def respond(self, req: m.Request, to: Address, **fields: Any) -> None:
-        resp = m.Response(req.command, req.tid, to, self._ctx.node_id, **fields)
-        self._ctx.send(m.encode_response(resp), to)
+        """Answer ``req``. To an unproven source the answer carries a token and stays within
+        :meth:`answer_budget` (closer nodes trimmed from the far end, then the value withheld
+        with MORE); a proven source whose token is aging gets a fresh one."""
+        ctx = self._ctx
+        proof = self.proof(req, to)
+        if proof != tokens.CURRENT and fields.get("token") is None:
+            fields["token"] = ctx.tokens.issue(to, ctx.now)
+        resp = m.Response(req.command, req.tid, to, ctx.node_id, **fields)
+        data = m.encode_response(resp)
+        if proof == tokens.INVALID and (len(data) > SMALLEST_BUDGET or self._spent[0] is req):
+            budget = self.answer_budget(req, to, proof)
+            if len(data) > budget:
+                fitted = _fit(resp, len(data) - budget)
+                if fitted is None:
+                    ctx.stats["drop_over_budget"] += 1
+                    return
+                ctx.stats["answer_trimmed"] += 1
+                data = fitted
+        ctx.send(data, to)
+
+    # ------------------------------------------------------------------ address validation
+
+    def proof(self, req: m.Request, source: Address) -> int:
+        """Did ``source`` prove it receives at its address (echo a token of ours)?
+        :data:`~dhtnode.crypto.tokens.CURRENT`, ``PREVIOUS`` (valid, aging) or ``INVALID``."""
+        if req.token is None:
+            return tokens.INVALID
+        last, verdict = self._proved
+        if last is req:
+            return verdict
+        verdict = self._ctx.tokens.verify(req.token, source, self._ctx.now)
+        self._proved = (req, verdict)
+        return verdict
+
+    def answer_budget(self, req: m.Request, source: Address, proof: int | None = None) -> int:
+        """Largest DHT answer (bytes, headers excluded) ``req`` from ``source`` may get: the
+        datagram limit once the source is proven, else :data:`AMPLIFICATION_LIMIT` times the
+        request, both counted on the wire with their IP and UDP headers, less whatever else
+        the request made us send to ``source``."""
+        if proof is None:
+            proof = self.proof(req, source)
+        if proof != tokens.INVALID:
+            return m.MAX_SEND_SIZE
+        overhead = wire_address.datagram_overhead(source)
+        allowed = AMPLIFICATION_LIMIT * (m.request_size(req) + overhead) - overhead
+        if self._spent[0] is req:
+            allowed -= self._spent[1]
+        return min(m.MAX_SEND_SIZE, allowed)
+
+    def peer_token(self, addr: Address) -> bytes | None:
+        """The token ``addr`` gave us, while it may still be valid."""
+        peer = self._peers.get(addr)
+        if peer is None or peer.token is None:
+            return None
+        if self._ctx.now - peer.token_at > PEER_TOKEN_TTL:
+            return None
+        return peer.token
+
+    def answered_recently(self, addr: Address) -> bool:
+        """Did ``addr`` answer one of our requests lately? Answers match a tid we chose and
+        the address we sent to, so, unlike an address we merely answered, this cannot be
+        planted with forged requests."""
+        peer = self._peers.get(addr)
+        return peer is not None and self._ctx.now - peer.answered_at <= ANSWERED_TTL
+
+    def _note_peer(self, addr: Address, token: bytes | None) -> None:
+        now = self._ctx.now
+        peer = self._peers.get(addr)
+        if peer is None:
+            self._peers[addr] = _Peer(token, now, now)
+            if len(self._peers) > MAX_PEER_TOKENS:
+                self._peers.popitem(last=False)
+            return
+        self._peers.move_to_end(addr)
+        peer.answered_at = now
+        if token is not None:
+            peer.token = token
+            peer.token_at = now
 
     def _on_slow(self, tid: int, on_slow: Callable[[], None]) -> None:
         """A lookup request unanswered after ``slow_after``: it stops counting against alpha,
@@ -187,14 +324,43 @@ class Rpc:
         if p.slow_timer is not None:
             p.slow_timer.cancel()
         self._ctx.stats["rx_response"] += 1
+        self._note_peer(source, resp.token)
         self.on_response(source, resp)
         p.on_done(resp)
 
     def _on_request(self, req: m.Request, source: Address) -> None:
-        self._ctx.stats["rx_request"] += 1
+        ctx = self._ctx
+        ctx.stats["rx_request"] += 1
+        mark = len(ctx.out)
         self.on_request(req, source)
+        if len(ctx.out) > mark:
+            # What the taps sent the source because of this request (a PING to verify a new
+            # contact or to learn our own address) comes out of the answer's budget.
+            overhead = wire_address.datagram_overhead(source)
+            spent = sum(len(d) + overhead for d, a in ctx.out[mark:] if a == source)
+            self._spent = (req, spent)
         handler = self._handlers.get(req.command)
         if handler is None:
             self.respond(req, source, error=m.ErrorCode.UNKNOWN_COMMAND)
             return
         handler(req, source)
+
+
+def _fit(resp: m.Response, excess: int) -> bytes | None:
+    """``resp`` encoded ``excess`` bytes smaller, or None: drop closer nodes from the far end
+    (a nodes list is "up to k, nearest first"), then the value (flagged MORE), then the
+    token."""
+    nodes = list(resp.nodes or ())
+    while nodes and excess > 0:
+        excess -= wire_address.compact_len(nodes.pop())
+    if resp.nodes is not None:
+        resp = replace(resp, nodes=tuple(nodes))
+    if excess > 0 and resp.value is not None:
+        excess -= 2 + len(resp.value)
+        resp = replace(resp, value=None, more=True)
+    if excess > 0 and resp.token is not None:
+        excess -= 1 + len(resp.token)
+        resp = replace(resp, token=None)
+    if excess > 0:
+        return None
+    return m.encode_response(resp)

@@ -1,9 +1,10 @@
 """The storer side of topics: LOOKUP, ANNOUNCE and UNANNOUNCE answers, write tokens, expiry.
 
-Owns the :class:`~dhtnode.dht.store.RecordStore` and the :class:`TokenIssuer`. A LOOKUP
-answer hands out a write token for the requester's address and a fresh random share of the
-topic's records; writes need that token (proof of the source address) and a valid signature,
-checked only after the cheap checks. :meth:`Storage.announced_from` tells an introducer where
+Owns the :class:`~dhtnode.dht.store.RecordStore` (the token issuer is the context's). A
+LOOKUP answer hands out a write token for the requester's address and, once the requester
+has proven its address with such a token, a fresh random share of the topic's records; writes
+need that token (proof of the source address) and a valid signature, checked only after the
+cheap checks. :meth:`Storage.announced_from` tells an introducer where
 the holder of a key announced from.
 
 Must not send requests of its own or decide the node's standing.
@@ -11,7 +12,7 @@ Must not send requests of its own or decide the node's standing.
 
 from __future__ import annotations
 
-from dhtnode.crypto.tokens import TokenIssuer
+from dhtnode.crypto import tokens
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.maintenance import Maintenance
 from dhtnode.dht.records import (
@@ -37,7 +38,8 @@ class Storage:
         self._rpc = rpc
         self._maintenance = maintenance
         p = ctx.params
-        self.tokens = TokenIssuer(ctx.secret_bytes, ctx.now)
+        #: Shared with the RPC layer: a write token is also the holder's proof of address.
+        self.tokens = ctx.tokens
         self.store = RecordStore(
             ttl=p.record_ttl,
             max_total=p.max_records,
@@ -72,12 +74,19 @@ class Storage:
             self._rpc.respond(req, source, nodes=nodes)
             return
         token = self.tokens.issue(source, ctx.now)
+        live = self.store.get(req.target, ctx.now)
+        if live and self._rpc.proof(req, source) == tokens.INVALID:
+            # Records go only to a source that proved its address: a busy topic's answer is
+            # 1.2 kB, what a reflection attack is after. MORE says "ask again with the token
+            # in this answer" (one more round trip, for the storers that hold records only).
+            ctx.stats["lookup_records_withheld"] += 1
+            self._rpc.respond(req, source, token=token, nodes=nodes, more=True)
+            return
         base = m.Response(req.command, req.tid, source, ctx.node_id, token, nodes)
         budget = m.MAX_SEND_SIZE - len(m.encode_response(base)) - 3
         # A busy topic holds more than one answer fits: each answer is a fresh random share,
         # so that a lookup, which asks k storers, collects nearly all of it (not k copies of
         # the newest few).
-        live = self.store.get(req.target, ctx.now)
         ctx.rng.shuffle(live)
         picked: list[Record] = []
         used = 0
@@ -102,6 +111,12 @@ class Storage:
             ctx.stats["drop_bad_token"] += 1
             self._rpc.respond(req, source, error=m.ErrorCode.BAD_TOKEN)
             return False
+        # Per-source rate, only now that the token proved the source address: forged
+        # requests cannot spend a victim's budget.
+        if not self.store.allow_write(source[0], ctx.now):
+            ctx.stats["drop_rate_limited"] += 1
+            self._rpc.respond(req, source, error=m.ErrorCode.BUSY)
+            return False
         return True
 
     def _on_announce(self, req: m.Request, source: Address) -> None:
@@ -116,8 +131,14 @@ class Storage:
             ctx.stats["drop_bad_records"] += 1
             respond(req, source, error=m.ErrorCode.BAD_RECORD)
             return
-        # Cheap checks first; the signature is verified only for a record we would keep.
-        if not self.store.is_fresh(rec.seq, ctx.wall()):
+        # Cheap checks first (clock window, replay, the source's budget); the signature is
+        # verified only for a record we would keep.
+        refused = self.store.precheck(req.target, rec, source[0], ctx.wall())
+        if refused is PutResult.FULL:
+            ctx.stats["drop_store_full"] += 1
+            respond(req, source, error=m.ErrorCode.FULL)
+            return
+        if refused is not None:
             ctx.stats["drop_stale_record"] += 1
             respond(req, source, error=m.ErrorCode.STALE)
             return
@@ -144,13 +165,19 @@ class Storage:
         try:
             w = decode_withdrawal(req.value)
         except RecordError:
+            ctx.stats["drop_bad_records"] += 1
             self._rpc.respond(req, source, error=m.ErrorCode.BAD_RECORD)
+            return
+        # Cheap checks (clock window, newer than what is held) before the signature.
+        if not self.store.precheck_withdrawal(req.target, w, ctx.wall()):
+            ctx.stats["drop_stale_withdrawal"] += 1
+            self._rpc.respond(req, source, error=m.ErrorCode.STALE)
             return
         if not w.verify(req.target):
             ctx.stats["drop_bad_signature"] += 1
             self._rpc.respond(req, source, error=m.ErrorCode.BAD_RECORD)
             return
-        if self.store.withdraw(req.target, w, ctx.now, ctx.wall()):
+        if self.store.withdraw(req.target, w, ctx.now, ctx.wall(), source[0]):
             self._rpc.respond(req, source)
         else:
             self._rpc.respond(req, source, error=m.ErrorCode.STALE)

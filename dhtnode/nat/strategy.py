@@ -25,7 +25,7 @@ MAX_PORT_SAMPLES = MAX_SAMPLES
 #: steps of 1 (Linux ``snat ... numgen inc``), or a few more when other hosts behind it open
 #: flows between two samples; a larger step is indistinguishable from noise.
 MAX_PORT_STEP = 16
-#: Samples needed (at the end of the list, with the same step between each two) before the
+#: Samples needed (the newest in allocation order, with the same step between each two) before the
 #: allocation counts as sequential: three samples give two equal small steps, which a random
 #: NAT produces by chance with probability about 16 / 64512^2 (4e-9).
 MIN_STEP_SAMPLES = 3
@@ -95,32 +95,54 @@ def choose(ours: NatProfile, theirs: NatProfile) -> Strategy:
     return Strategy.PREDICT if random_side.predictable else Strategy.BIRTHDAY
 
 
+def allocation_order(samples: tuple[int, ...]) -> tuple[int, ...]:
+    """The distinct sampled ports in the order a NAT allocating upward (and wrapping from
+    65535 to :data:`LOWEST_PORT`) handed them out: sorted, starting after the largest
+    (circular) gap between two of them.
+
+    The order the samples arrive in says little: a node asks several nodes at once, so their
+    answers (and the observer's per-responder samples) come back in any order (seen in the NAT
+    lab: a sequential NAT's 20004, 20005, 20006, 20007 sampled as 20004, 20005, 20007, 20006).
+    """
+    ports = sorted(set(samples))
+    n = len(ports)
+    if n < 2:
+        return tuple(ports)
+    span = HIGHEST_PORT - LOWEST_PORT + 1
+    gaps = [(ports[(i + 1) % n] - ports[i]) % span for i in range(n)]
+    widest = max(range(n), key=lambda i: (gaps[i], i))
+    return tuple(ports[widest + 1:] + ports[: widest + 1])
+
+
 def port_step(samples: tuple[int, ...]) -> int | None:
     """The constant step (1..:data:`MAX_PORT_STEP`) between the last
-    :data:`MIN_STEP_SAMPLES` or more consecutive samples, else None.
+    :data:`MIN_STEP_SAMPLES` or more ports in :func:`allocation_order`, else None.
 
     Only the trailing run counts: older samples taken before a gap (other hosts' flows, a
     restarted NAT) must not hide the allocation pattern the next flow will follow.
     """
-    if len(samples) < MIN_STEP_SAMPLES:
+    ports = allocation_order(samples)
+    if len(ports) < MIN_STEP_SAMPLES:
         return None
-    step = samples[-1] - samples[-2]
+    span = HIGHEST_PORT - LOWEST_PORT + 1
+    step = (ports[-1] - ports[-2]) % span
     if not 1 <= step <= MAX_PORT_STEP:
         return None
     run = 2
-    for i in range(len(samples) - 2, 0, -1):
-        if samples[i] - samples[i - 1] != step:
+    for i in range(len(ports) - 2, 0, -1):
+        if (ports[i] - ports[i - 1]) % span != step:
             break
         run += 1
     return step if run >= MIN_STEP_SAMPLES else None
 
 
 def predict_ports(samples: tuple[int, ...], count: int) -> list[int]:
-    """The ``count`` ports a sequential NAT hands out next, after the last sample, wrapping
-    from 65535 to :data:`LOWEST_PORT`. Empty when the samples show no constant step."""
+    """The ``count`` ports a sequential NAT hands out next, after the newest sample in
+    :func:`allocation_order`, wrapping from 65535 to :data:`LOWEST_PORT`. Empty when the
+    samples show no constant step."""
     step = port_step(samples)
     if step is None or count <= 0:
         return []
     span = HIGHEST_PORT - LOWEST_PORT + 1
-    last = samples[-1]
+    last = allocation_order(samples)[-1]
     return [LOWEST_PORT + (last + step * i - LOWEST_PORT) % span for i in range(1, count + 1)]

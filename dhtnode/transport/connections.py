@@ -37,11 +37,12 @@ from dhtnode.dht.node import Receiver, Service
 from dhtnode.dht.op import OperationError
 from dhtnode.nat.observer import NatClass
 from dhtnode.nat.punch import PUNCH_DEADLINE, Punched, PunchFailed, PunchPlan
-from dhtnode.nat.strategy import NatProfile
+from dhtnode.nat.strategy import MIN_STEP_SAMPLES, NatProfile
 from dhtnode.transport.quic import PeerConnection, QuicBridge
 from dhtnode.transport.sockets import KeptSocket, Lease, SocketPool
 from dhtnode.transport.udp import NodeEndpoint
 from dhtnode.wire import punch as wire_punch
+from dhtnode.wire import stun
 from dhtnode.wire.address import Address, format_addr
 from dhtnode.wire.demux import Kind, classify
 
@@ -56,6 +57,13 @@ ATTEMPT_LINGER = 2.0
 EXPECT_WINDOW = PUNCH_DEADLINE + 10.0
 #: Seconds the client gives QUIC to finish its handshake on the punched path.
 QUIC_HANDSHAKE_TIMEOUT = 5.0
+#: Behind a sequential NAT every new flow takes the next port, so the samples the DHT gave us
+#: go stale with each punch attempt (its probes and extra sockets are new flows). A fresh
+#: socket then asks this many known nodes (STUN Binding: one new flow each) for our mapping,
+#: so the next introduction carries the NAT's current position.
+RESAMPLE_SERVERS = MIN_STEP_SAMPLES
+#: Seconds to wait for those answers; one retransmission halfway.
+RESAMPLE_TIMEOUT = 0.5
 
 
 class PunchError(OperationError):
@@ -95,8 +103,9 @@ class Connection:
     async def accept_stream(self) -> tuple[asyncio.StreamReader, Any]:
         return await self.quic.accept_stream()
 
-    async def close(self) -> None:
-        await self.quic.close()
+    async def close(self, *, wait: bool = True) -> None:
+        """Close; ``wait=False`` returns at once (see :meth:`PeerConnection.close`)."""
+        await self.quic.close(wait=wait)
 
     async def wait_closed(self) -> None:
         await self.quic.wait_closed()
@@ -172,6 +181,9 @@ class Connections(Service):
         self._servers: dict[bytes, Callable[[Connection], None]] = {}
         self.stats: Counter[str] = self.node.stats
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Punch attempts since our last fresh port samples (see :data:`RESAMPLE_SERVERS`).
+        self._samples_stale = False
+        self._resampling: asyncio.Task[None] | None = None
         self.node.register(self)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -254,6 +266,10 @@ class Connections(Service):
             if holder:
                 listeners.unlisten(holder[0])
             raise
+        if _profile(self.my_info()).random:
+            # After the announcement's flows: the first client then gets our NAT's position.
+            with contextlib.suppress(Exception):
+                await self._start_resample()
         return Server(identity.public_key, holder[0], self)
 
     async def unlisten(self, server: Server) -> None:
@@ -273,6 +289,13 @@ class Connections(Service):
         started = time.monotonic()
         self._refresh_lan_addresses()
         info = self.my_info()
+        if self._needs_resample(info):
+            # Behind a port-randomizing NAT whose samples are stale (our own attempts moved a
+            # sequential NAT on) or show no sequence (the DHT keeps a few witnesses, not every
+            # flow): tell the peer where the NAT is now (one round trip to known nodes).
+            with contextlib.suppress(Exception):
+                await self._start_resample()
+            info = self.my_info()
         intro: Introduced = await self.endpoint.run(
             lambda n: introduce(n, ident, public_key, info)
         )
@@ -314,6 +337,8 @@ class Connections(Service):
             att.plan.cancel()
             self._end(att)
         self.bridge.close()
+        if self._resampling is not None:
+            self._resampling.cancel()
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()
@@ -348,8 +373,11 @@ class Connections(Service):
         def accepted(quic: PeerConnection) -> None:
             self._emit("accepted", public_key=quic.peer_key.hex(), address=format_addr(quic.addr),
                        strategy=strategy)
-            slot = att.plan.result.slot if isinstance(att.plan.result, Punched) else 0
+            # The socket the client's QUIC came in on (not necessarily where our punch won).
+            slot = next((n for n, p in att.kept.items() if p is quic.path), 0)
             self._close_with(quic, att, slot)
+            if att.lease is not None:
+                att.lease.close()  # the other extra sockets have served their purpose
             on_connection(Connection(quic, "direct", strategy, 0.0, slot))
 
         for ip in dict.fromkeys(a[0] for a in peer):
@@ -392,6 +420,7 @@ class Connections(Service):
         self._attempts[attempt_id] = att
         self._per_ip[ip] += 1
         self.stats["punch_attempts"] += 1
+        self._samples_stale = True
         wanted = plan.sockets_wanted()
         if wanted:
             self._spawn(self._open_sockets(att, wanted))
@@ -408,8 +437,8 @@ class Connections(Service):
             att.plan.sockets_opened(0, time.monotonic())
             self._pump(att)
             return
-        if att.ended:
-            lease.close()
+        if att.ended or att.plan.result is not None:
+            lease.close()  # finished meanwhile: nothing more to spray
             return
         att.lease = lease
         att.plan.sockets_opened(len(lease.slots), time.monotonic())
@@ -467,6 +496,9 @@ class Connections(Service):
         for s in plan.sends():
             if s.slot == 0:
                 self.endpoint.send(s.data, s.addr)
+            elif s.slot in att.kept:
+                # The winning extra socket left the lease: its trailing probes and ACKs.
+                att.kept[s.slot].send(s.data, s.addr)
             elif att.lease is not None:
                 att.lease.send(s.slot, s.data, s.addr)
         if plan.result is not None and not att.result.done():
@@ -474,7 +506,16 @@ class Connections(Service):
             self._uncount(att)
             if isinstance(plan.result, Punched) and plan.result.slot:
                 self._path_for(att, plan.result.slot)  # keep it before the lease closes
+            if plan.initiator and att.lease is not None:
+                # Our QUIC goes over the winning path only: give the other extra sockets back
+                # now, not after the linger (back-to-back attempts would exhaust the pool). The
+                # listener keeps its own until the client's QUIC arrives: the two sides may
+                # have won on different sockets, and the client's choice is the one used.
+                att.lease.close()
             self.stats["punch_ok" if isinstance(plan.result, Punched) else "punch_failed"] += 1
+            if _profile(self.my_info()).random:
+                # The next introduction (ours or a client's) should carry fresh samples.
+                self._start_resample()
         deadline = plan.next_timer()
         if deadline is None and plan.result is not None:
             # Done: linger so the peer's trailing probes still get answered, then forget.
@@ -525,6 +566,71 @@ class Connections(Service):
         for path in att.kept.values():
             path.kept.close()
         att.kept.clear()
+
+    # ------------------------------------------------------------------ port samples
+
+    def _needs_resample(self, info: PeerInfo) -> bool:
+        prof = _profile(info)
+        if not prof.random:
+            return False
+        running = self._resampling is not None and not self._resampling.done()
+        return running or self._samples_stale or not prof.predictable
+
+    def _start_resample(self) -> asyncio.Task[None]:
+        """Take fresh mapped-port samples from a new socket (see :data:`RESAMPLE_SERVERS`),
+        unless that is under way already; one run at a time."""
+        if self._resampling is None or self._resampling.done():
+            self._resampling = asyncio.get_running_loop().create_task(self._resample())
+        return self._resampling
+
+    async def _resample(self) -> None:
+        # Stale from here on only if another attempt starts while we sample.
+        self._samples_stale = False
+        ports = await self._stun_ports()
+        if len(ports) >= MIN_STEP_SAMPLES:
+            self.services.listeners.set_fresh_samples(tuple(ports))
+            self.stats["resample_ok"] += 1
+        else:
+            self.stats["resample_failed"] += 1
+
+    async def _stun_ports(self) -> list[int]:
+        """Our mapped ports as up to :data:`RESAMPLE_SERVERS` known nodes see a fresh socket,
+        in the order the requests left (the NAT allocated them in that order)."""
+        known = [c.addr for c in self.node.table] + list(self.node.queries.seeds)
+        # The samples' family: IPv4 whenever we know IPv4 nodes (the observer's primary).
+        v4 = [a for a in known if ":" not in a[0]]
+        servers = list(dict.fromkeys(v4 or known))[:RESAMPLE_SERVERS]
+        if len(servers) < 2:
+            return []
+        requests = {addr: stun.build_binding_request() for addr in servers}
+        mapped: dict[Address, int] = {}
+        done = asyncio.get_running_loop().create_future()
+
+        def on_datagram(slot: int, data: bytes, source: Address) -> None:
+            req = requests.get(source)
+            if req is None or source in mapped:
+                return
+            with contextlib.suppress(stun.StunError):
+                mapped[source] = stun.parse_binding_response(data, req[0])[1]
+            if len(mapped) == len(servers) and not done.done():
+                done.set_result(None)
+
+        try:
+            lease = await self.pool.acquire(1, on_datagram, timeout=RESAMPLE_TIMEOUT)
+        except Exception:
+            return []
+        try:
+            for _ in range(2):
+                for addr in servers:
+                    if addr not in mapped:
+                        lease.send(1, requests[addr][1], addr)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(done), RESAMPLE_TIMEOUT / 2)
+                if done.done():
+                    break
+        finally:
+            lease.close()
+        return [mapped[a] for a in servers if a in mapped]
 
     # ------------------------------------------------------------------ addresses
 

@@ -27,6 +27,11 @@ FAMILY_V6 = 6
 COMPACT_V4_LEN = 7
 #: Bytes one compact IPv6 address takes on the wire (family + 16 + port).
 COMPACT_V6_LEN = 19
+#: IPv4 + UDP header bytes around every datagram (20 + 8, no options): what a reflected
+#: answer really costs its target, so amplification is counted with it.
+DATAGRAM_OVERHEAD_V4 = 28
+#: IPv6 + UDP header bytes around every datagram (40 + 8, no extension headers).
+DATAGRAM_OVERHEAD_V6 = 48
 
 
 #: Addresses whose parsed or compact form is memoised. Parsing goes through ``ipaddress``,
@@ -58,6 +63,16 @@ def _normalize(addr: tuple[object, ...]) -> Address:
 def family_of(ip: str) -> int:
     """4 or 6 for a canonical IP string."""
     return FAMILY_V6 if ":" in ip else FAMILY_V4
+
+
+def datagram_overhead(addr: Address) -> int:
+    """IP + UDP header bytes of a datagram to or from ``addr``."""
+    return DATAGRAM_OVERHEAD_V6 if ":" in addr[0] else DATAGRAM_OVERHEAD_V4
+
+
+def compact_len(addr: Address) -> int:
+    """Bytes of ``addr`` in compact form."""
+    return COMPACT_V6_LEN if ":" in addr[0] else COMPACT_V4_LEN
 
 
 @functools.lru_cache(maxsize=ENCODE_CACHE_SIZE)

@@ -7,6 +7,8 @@ Request (first byte 0x10)::
     [32 target]      if flags & F_TARGET
     [u8 n, n token]  if flags & F_TOKEN   (n <= 32)
     [u16 n, n value] if flags & F_VALUE   (command-specific body)
+    [u16 n, n pad]   if flags & F_PAD     padding, ignored: buys a larger answer before the
+                                          sender has proven its address (docs/PROTOCOL.md)
 
 Response (first byte 0x11)::
 
@@ -17,6 +19,8 @@ Response (first byte 0x11)::
     [u8 n, n x compact address] if flags & F_NODES   closer nodes
     [u8 code]        if flags & F_ERROR
     [u16 n, n value] if flags & F_VALUE
+    (no body)        if flags & F_MORE    part of the answer was withheld from an unproven
+                                          source; the same request with the token gets it
 
 All integers are big-endian. Any trailing byte, unknown flag bit, unknown version or
 out-of-range length is a :class:`MessageError`; decoders raise nothing else.
@@ -49,10 +53,14 @@ F_ID = 0x01
 F_TARGET = 0x02  # requests only
 F_TOKEN = 0x04
 F_VALUE = 0x08
+F_PAD = 0x10  # requests only
 F_NODES = 0x10  # responses only
 F_ERROR = 0x20  # responses only
-_REQUEST_FLAGS = F_ID | F_TARGET | F_TOKEN | F_VALUE
-_RESPONSE_FLAGS = F_ID | F_TOKEN | F_VALUE | F_NODES | F_ERROR
+F_MORE = 0x40  # responses only
+_REQUEST_FLAGS = F_ID | F_TARGET | F_TOKEN | F_VALUE | F_PAD
+_RESPONSE_FLAGS = F_ID | F_TOKEN | F_VALUE | F_NODES | F_ERROR | F_MORE
+#: Bytes of the fixed request/response header (type, version, flags, command, tid).
+HEADER_LEN = 8
 
 _HEADER = struct.Struct(">BBBBI")
 
@@ -104,6 +112,8 @@ class Request:
     target: bytes | None = None
     token: bytes | None = None
     value: bytes | None = None
+    #: Bytes of padding (sent as zeros, ignored when received).
+    pad: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,25 @@ class Response:
     nodes: tuple[Address, ...] | None = None
     error: int | None = None
     value: bytes | None = None
+    #: Something was withheld from an unproven requester (echo the token to get it).
+    more: bool = False
+
+
+def request_size(req: Request) -> int:
+    """Bytes of ``req`` on the wire (DHT payload only), from its fields: the layout has no
+    optional byte that the fields do not account for."""
+    size = HEADER_LEN
+    if req.id is not None:
+        size += 32
+    if req.target is not None:
+        size += 32
+    if req.token is not None:
+        size += 1 + len(req.token)
+    if req.value is not None:
+        size += 2 + len(req.value)
+    if req.pad:
+        size += 2 + req.pad
+    return size
 
 
 def encode_request(req: Request) -> bytes:
@@ -133,6 +162,9 @@ def encode_request(req: Request) -> bytes:
     if req.value is not None:
         flags |= F_VALUE
         parts.append(struct.pack(">H", len(req.value)) + req.value)
+    if req.pad:
+        flags |= F_PAD
+        parts.append(struct.pack(">H", req.pad) + bytes(req.pad))
     head = _HEADER.pack(DHT_REQUEST, PROTOCOL_VERSION, flags, int(req.command), req.tid)
     return head + b"".join(parts)
 
@@ -158,12 +190,19 @@ def encode_response(res: Response) -> bytes:
     if res.value is not None:
         flags |= F_VALUE
         parts.append(struct.pack(">H", len(res.value)) + res.value)
+    if res.more:
+        flags |= F_MORE
     head = _HEADER.pack(DHT_RESPONSE, PROTOCOL_VERSION, flags, int(res.command), res.tid)
     return head + b"".join(parts)
 
 
 def encode_nodes_response(
-    command: Command, tid: int, to: Address, node_id: bytes | None, packed_nodes: list[bytes]
+    command: Command,
+    tid: int,
+    to: Address,
+    node_id: bytes | None,
+    packed_nodes: list[bytes],
+    token: bytes | None = None,
 ) -> bytes:
     """``encode_response`` of a plain nodes answer (FIND_NODE), for the hot path: the node
     addresses arrive already in compact form. Same bytes as the general encoder."""
@@ -174,9 +213,14 @@ def encode_nodes_response(
     if node_id is not None:
         flags |= F_ID
         head_id = _check_key(node_id, "id")
+    head_token = b""
+    if token is not None:
+        flags |= F_TOKEN
+        head_token = _short_bytes(token)
     head = _HEADER.pack(DHT_RESPONSE, PROTOCOL_VERSION, flags, int(command), tid)
     return b"".join(
-        (head, wire_address.encode(to), head_id, bytes((len(packed_nodes),)), *packed_nodes)
+        (head, wire_address.encode(to), head_id, head_token, bytes((len(packed_nodes),)),
+         *packed_nodes)
     )
 
 
@@ -196,6 +240,7 @@ def decode(data: bytes) -> Request | Response:
         if flags & ~_REQUEST_FLAGS:
             raise MessageError("unknown request flag")
         rid = target = token = value = None
+        pad = 0
         if flags & F_ID:
             rid, pos = _take(data, pos, 32)
         if flags & F_TARGET:
@@ -204,8 +249,12 @@ def decode(data: bytes) -> Request | Response:
             token, pos = _take_short(data, pos)
         if flags & F_VALUE:
             value, pos = _take_long(data, pos)
+        if flags & F_PAD:
+            start = pos
+            _, pos = _take_long(data, pos)  # the content is ignored
+            pad = pos - start - 2
         _end(data, pos)
-        return Request(Command(command), tid, rid, target, token, value)
+        return Request(Command(command), tid, rid, target, token, value, pad)
     if kind == DHT_RESPONSE:
         if flags & ~_RESPONSE_FLAGS:
             raise MessageError("unknown response flag")
@@ -243,7 +292,9 @@ def decode(data: bytes) -> Request | Response:
         if flags & F_VALUE:
             value, pos = _take_long(data, pos)
         _end(data, pos)
-        return Response(Command(command), tid, to, rid, token, nodes, error, value)
+        return Response(
+            Command(command), tid, to, rid, token, nodes, error, value, bool(flags & F_MORE)
+        )
     raise MessageError(f"first byte 0x{kind:02x} is not a DHT message")
 
 

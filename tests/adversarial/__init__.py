@@ -1,0 +1,1 @@
+"""Attacks on a node, written as tests: each prints the figure it measures (``pytest -s``)."""
