@@ -35,6 +35,7 @@ from dhtnode.dht.node import DhtNode, DhtParams, LookupResult
 from dhtnode.dht.op import OperationError
 from dhtnode.dht.records import Record
 from dhtnode.errors import DhtnodeError
+from dhtnode.nat.punch import PUNCH_DEADLINE
 from dhtnode.transport.connections import Connection, Connections, Server
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire import address as wire_address
@@ -335,6 +336,10 @@ async def ping_key(conns: Connections, key_hex: str) -> dict[str, Any]:
             if got != msg:
                 raise DhtnodeError("the peer answered with other bytes than sent: not an echo")
         writer.write_eof()
+        # A connection that started on the relay moves to the direct path once the punch
+        # succeeds: report where it ends up (and where it started).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(conn.settled.wait(), PUNCH_DEADLINE)
     except (asyncio.IncompleteReadError, TimeoutError) as exc:
         raise DhtnodeError(
             "connected, but the peer does not echo (is it `dhtnode listen --echo`?)"
@@ -344,6 +349,7 @@ async def ping_key(conns: Connections, key_hex: str) -> dict[str, Any]:
     return {
         "public_key": key.hex(),
         "path": conn.path,
+        "first_path": conn.first_path,
         "strategy": conn.strategy,
         "connect_ms": round(conn.connect_ms, 2),
         "rtt_ms": round(min(rtts), 3),

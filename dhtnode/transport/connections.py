@@ -8,6 +8,11 @@ search needs (``transport/sockets.py``, one bounded pool), and the QUIC connecti
 (``transport/quic.py``) on the path that punched: the node's own socket (so the NAT mapping
 the DHT learned is the one used), or the winning extra socket for a port-randomizing side.
 
+When the introducer offered a relay (``transport/relaypath.py``), both sides bind to it at
+once; the client starts QUIC on whichever path is ready first (the punch gets a short grace),
+and a relayed connection moves to the direct path when the punch succeeds later, without the
+application noticing (the QUIC bridge's path layer). Random NATs on both sides stay relayed.
+
 Every punch datagram on the node socket goes out through the engine's one send path
 (``NodeContext.send``), so the sent-to memory sees it. Bounded: attempts per peer IP and in
 all, sockets through the pool; no global throttle, so connects one after another and several
@@ -39,10 +44,12 @@ from dhtnode.nat.observer import NatClass
 from dhtnode.nat.punch import PUNCH_DEADLINE, Punched, PunchFailed, PunchPlan
 from dhtnode.nat.strategy import MIN_STEP_SAMPLES, NatProfile
 from dhtnode.transport.quic import PeerConnection, QuicBridge
+from dhtnode.transport.relaypath import RelayPath, RelayPaths
+from dhtnode.transport.resample import stun_ports
 from dhtnode.transport.sockets import KeptSocket, Lease, SocketPool
 from dhtnode.transport.udp import NodeEndpoint
 from dhtnode.wire import punch as wire_punch
-from dhtnode.wire import stun
+from dhtnode.wire import relay as wire_relay
 from dhtnode.wire.address import Address, format_addr
 from dhtnode.wire.demux import Kind, classify
 
@@ -57,6 +64,13 @@ ATTEMPT_LINGER = 2.0
 EXPECT_WINDOW = PUNCH_DEADLINE + 10.0
 #: Seconds the client gives QUIC to finish its handshake on the punched path.
 QUIC_HANDSHAKE_TIMEOUT = 5.0
+#: Seconds a punch that may still succeed quickly (direct, simultaneous, predict: one or two
+#: round trips on a LAN or a home connection) gets before a paired relay is used instead:
+#: starting on the relay and moving at once would only churn.
+RELAY_GRACE = 0.3
+#: Seconds a relayed path keeps receiving after the connection moved to the direct path
+#: (the peer moves when its own punch reports, a moment later).
+RELAY_DRAIN = 3.0
 #: Behind a sequential NAT every new flow takes the next port, so the samples the DHT gave us
 #: go stale with each punch attempt (its probes and extra sockets are new flows). A fresh
 #: socket then asks this many known nodes (STUN Binding: one new flow each) for our mapping,
@@ -77,13 +91,23 @@ class Connection:
     """An authenticated, end-to-end encrypted QUIC connection to a peer, by its key."""
 
     quic: PeerConnection
-    #: "direct" (relayed paths come with the relay issue).
+    #: "direct", or "relayed" (until the punch succeeds and the connection moves).
     path: str
     strategy: str
     #: Milliseconds from connect() to an authenticated connection (client side; 0 on server).
     connect_ms: float
     #: The socket slot that punched: 0 the node's socket, else an extra socket.
     slot: int = 0
+    #: Set once the path is final: direct from the start, moved to direct, or relayed for
+    #: good (the punch failed).
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The path the connection started on.
+    first_path: str = ""
+
+    def __post_init__(self) -> None:
+        self.first_path = self.first_path or self.path
+        if self.path == "direct":
+            self.settled.set()
 
     @property
     def peer_key(self) -> bytes:
@@ -153,6 +177,8 @@ class _Attempt:
     ended: bool = False
     #: Still counted against its peer IP's limit (until it has a result).
     counted: bool = True
+    #: The relayed path of this attempt, until a connection takes it over (or it is closed).
+    relay: RelayPath | None = None
 
 
 def _profile(info: PeerInfo) -> NatProfile:
@@ -184,6 +210,8 @@ class Connections(Service):
         #: Punch attempts since our last fresh port samples (see :data:`RESAMPLE_SERVERS`).
         self._samples_stale = False
         self._resampling: asyncio.Task[None] | None = None
+        self.relays = RelayPaths(endpoint, self._on_relayed, self.stats)
+        services.relay.member_sink = self.relays.receive
         self.node.register(self)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -204,11 +232,13 @@ class Connections(Service):
                     "address": format_addr(c.addr),
                     "rtt_ms": round(c.rtt * 1000, 2),
                     "client": c.is_client,
+                    "path": "relayed" if isinstance(c.path, RelayPath) else "direct",
                 }
                 for c in self.bridge.connections
                 if c.peer_key
             ],
             "punch_attempts": len(self._attempts),
+            "relayed_paths": len(self.relays),
             "extra_sockets": self.pool.open_sockets,
         }
 
@@ -218,6 +248,12 @@ class Connections(Service):
 
     def _on_node_quic(self, data: bytes, source: Address) -> None:
         self.bridge.datagram_received(data, source, self._node_path)
+
+    def _on_relayed(self, data: bytes, peer: Address, path: RelayPath) -> None:
+        if classify(data) is Kind.QUIC:
+            self.bridge.datagram_received(data, peer, path)
+        else:
+            self.stats["drop_relay_payload"] += 1
 
     def _on_node_punch(self, data: bytes, source: Address) -> None:
         self._punch_datagram(0, data, source)
@@ -313,30 +349,114 @@ class Connections(Service):
         )
         if att is None:
             raise PunchError("too many punch attempts with this peer at once; try again")
-        result = await att.result
-        if isinstance(result, PunchFailed):
-            raise PunchError(f"hole punching to {public_key.hex()} failed: {result.reason}")
-        path = self._path_for(att, result.slot)
-        try:
-            quic = await self.bridge.connect(
-                path, result.addr, identity=ident, server_key=public_key,
-                timeout=QUIC_HANDSHAKE_TIMEOUT,
-            )
-        except BaseException:
-            self._release_slot(att, result.slot)
-            raise
-        self._close_with(quic, att, result.slot)
-        ms = (time.monotonic() - started) * 1000
+        if intro.relay is not None:
+            att.relay = self.relays.open(intro.relay, wire_relay.ROLE_CLIENT, peer[-1])
         strategy = att.plan.strategy.value
-        self._emit("connected", public_key=public_key.hex(), address=format_addr(result.addr),
-                   strategy=strategy, connect_ms=round(ms, 1))
-        return Connection(quic, "direct", strategy, ms, result.slot)
+        first = await self._first_path(att)
+        if isinstance(first, RelayPath):
+            first.in_use = True
+            att.relay = None
+            try:
+                quic = await self.bridge.connect(
+                    first, first.peer, identity=ident, server_key=public_key,
+                    timeout=QUIC_HANDSHAKE_TIMEOUT,
+                )
+            except BaseException:
+                first.close()
+                raise
+            conn = Connection(quic, "relayed", strategy, (time.monotonic() - started) * 1000)
+            self._relay_until_direct(conn, att, first)
+        else:
+            path = self._path_for(att, first.slot)
+            try:
+                quic = await self.bridge.connect(
+                    path, first.addr, identity=ident, server_key=public_key,
+                    timeout=QUIC_HANDSHAKE_TIMEOUT,
+                )
+            except BaseException:
+                self._release_slot(att, first.slot)
+                raise
+            self._close_with(quic, att, first.slot)
+            conn = Connection(quic, "direct", strategy, (time.monotonic() - started) * 1000,
+                              first.slot)
+        self._emit("connected", public_key=public_key.hex(), address=format_addr(quic.addr),
+                   strategy=strategy, path=conn.path, connect_ms=round(conn.connect_ms, 1))
+        return conn
+
+    async def _first_path(self, att: _Attempt) -> Punched | RelayPath:
+        """The punched path, or the relay when it is paired first (after a short grace for a
+        punch that is usually quick); raises when neither works."""
+        relay = att.relay
+        waiting: set[asyncio.Future[Any]] = {att.result}
+        if relay is not None:
+            waiting.add(relay.paired)
+        slow = att.plan.strategy.value in ("birthday", "impossible")
+        grace_until = time.monotonic() + (0.0 if slow else RELAY_GRACE)
+        relay_ready = False
+        failure = ""
+        while waiting or relay_ready:
+            timeout = max(0.0, grace_until - time.monotonic()) if relay_ready else None
+            done, waiting = await asyncio.wait(
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if att.result in done:
+                result = att.result.result()
+                if isinstance(result, Punched):
+                    return result
+                failure = result.reason
+                grace_until = 0.0  # no punch will come: take the relay as soon as it is ready
+            if relay is not None and relay.paired in done:
+                if relay.paired.cancelled() or relay.paired.exception() is not None:
+                    relay = None
+                else:
+                    relay_ready = True
+            if relay_ready and relay is not None and (
+                time.monotonic() >= grace_until or att.result.done()
+            ):
+                return relay
+        offered = att.relay is not None
+        if att.relay is not None:
+            att.relay.close()
+            att.relay = None
+        why = failure or "hole punching found no path"
+        why += "; the relay did not pair us" if offered else "; no relay was offered"
+        raise PunchError(f"no path to the peer: {why}")
+
+    def _relay_until_direct(self, conn: Connection, att: _Attempt, relay: RelayPath) -> None:
+        """Keep a relayed connection on the relay until the punch succeeds, then move it to
+        the direct path (QUIC does not notice: the path layer is under it); close the relayed
+        path when the connection ends, or a little after the move."""
+
+        async def watch() -> None:
+            try:
+                result = await att.result
+                if not isinstance(result, Punched):
+                    conn.settled.set()  # relayed for good
+                if isinstance(result, Punched) and not conn.quic.closed:
+                    conn.quic.set_path(self._path_for(att, result.slot), result.addr)
+                    self._close_with(conn.quic, att, result.slot)
+                    conn.path, conn.slot = "direct", result.slot
+                    conn.settled.set()
+                    self.stats["path_upgraded"] += 1
+                    self._emit("path_upgraded", public_key=conn.peer_key.hex(),
+                               address=format_addr(result.addr))
+                    await asyncio.sleep(RELAY_DRAIN)
+                else:
+                    await conn.quic.wait_closed()
+            except Exception:
+                pass
+            finally:
+                conn.settled.set()
+                relay.close()
+
+        self._spawn(watch())
 
     async def close(self) -> None:
         for att in list(self._attempts.values()):
             att.plan.cancel()
             self._end(att)
         self.bridge.close()
+        self.relays.close()
         if self._resampling is not None:
             self._resampling.cancel()
         for task in list(self._tasks):
@@ -367,18 +487,32 @@ class Connections(Service):
         if att is None:
             self.stats["drop_intro_attempt_limit"] += 1
             return
+        if intro.relay is not None:
+            relay = att.relay = self.relays.open(intro.relay, wire_relay.ROLE_SERVER, client)
+            # Unused by then: the client connected directly, or never came.
+            asyncio.get_running_loop().call_later(
+                EXPECT_WINDOW, lambda: None if relay.in_use else relay.close()
+            )
         strategy = att.plan.strategy.value
         deadline = time.monotonic() + EXPECT_WINDOW
 
         def accepted(quic: PeerConnection) -> None:
+            path = "relayed" if isinstance(quic.path, RelayPath) else "direct"
             self._emit("accepted", public_key=quic.peer_key.hex(), address=format_addr(quic.addr),
-                       strategy=strategy)
-            # The socket the client's QUIC came in on (not necessarily where our punch won).
-            slot = next((n for n, p in att.kept.items() if p is quic.path), 0)
-            self._close_with(quic, att, slot)
-            if att.lease is not None:
+                       strategy=strategy, path=path)
+            if att.lease is not None and path == "direct":
                 att.lease.close()  # the other extra sockets have served their purpose
-            on_connection(Connection(quic, "direct", strategy, 0.0, slot))
+            if isinstance(quic.path, RelayPath):
+                quic.path.in_use = True
+                att.relay = None
+                conn = Connection(quic, "relayed", strategy, 0.0)
+                self._relay_until_direct(conn, att, quic.path)
+            else:
+                # The socket the client's QUIC came in on (not necessarily where our punch won).
+                slot = next((n for n, p in att.kept.items() if p is quic.path), 0)
+                self._close_with(quic, att, slot)
+                conn = Connection(quic, "direct", strategy, 0.0, slot)
+            on_connection(conn)
 
         for ip in dict.fromkeys(a[0] for a in peer):
             self.bridge.expect(
@@ -566,6 +700,9 @@ class Connections(Service):
         for path in att.kept.values():
             path.kept.close()
         att.kept.clear()
+        if att.relay is not None and att.plan.initiator:
+            att.relay.close()  # never used: the connection went direct
+            att.relay = None
 
     # ------------------------------------------------------------------ port samples
 
@@ -594,43 +731,12 @@ class Connections(Service):
             self.stats["resample_failed"] += 1
 
     async def _stun_ports(self) -> list[int]:
-        """Our mapped ports as up to :data:`RESAMPLE_SERVERS` known nodes see a fresh socket,
-        in the order the requests left (the NAT allocated them in that order)."""
+        """Our mapped ports as up to :data:`RESAMPLE_SERVERS` known nodes see a fresh socket."""
         known = [c.addr for c in self.node.table] + list(self.node.queries.seeds)
         # The samples' family: IPv4 whenever we know IPv4 nodes (the observer's primary).
         v4 = [a for a in known if ":" not in a[0]]
         servers = list(dict.fromkeys(v4 or known))[:RESAMPLE_SERVERS]
-        if len(servers) < 2:
-            return []
-        requests = {addr: stun.build_binding_request() for addr in servers}
-        mapped: dict[Address, int] = {}
-        done = asyncio.get_running_loop().create_future()
-
-        def on_datagram(slot: int, data: bytes, source: Address) -> None:
-            req = requests.get(source)
-            if req is None or source in mapped:
-                return
-            with contextlib.suppress(stun.StunError):
-                mapped[source] = stun.parse_binding_response(data, req[0])[1]
-            if len(mapped) == len(servers) and not done.done():
-                done.set_result(None)
-
-        try:
-            lease = await self.pool.acquire(1, on_datagram, timeout=RESAMPLE_TIMEOUT)
-        except Exception:
-            return []
-        try:
-            for _ in range(2):
-                for addr in servers:
-                    if addr not in mapped:
-                        lease.send(1, requests[addr][1], addr)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(done), RESAMPLE_TIMEOUT / 2)
-                if done.done():
-                    break
-        finally:
-            lease.close()
-        return [mapped[a] for a in servers if a in mapped]
+        return await stun_ports(self.pool, servers, RESAMPLE_TIMEOUT)
 
     # ------------------------------------------------------------------ addresses
 

@@ -48,6 +48,8 @@ class RelayPath:
         self._binds = 0
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
+        #: A connection runs over it (its owner closes it, not the attempt).
+        self.in_use = False
 
     @property
     def relay(self) -> Address:
