@@ -8,8 +8,9 @@ connect starts on the introducer's blind relay when that is ready before the pun
 when the punch succeeds), except two port-randomizing NATs whose allocation cannot be
 predicted (``choose()`` says IMPOSSIBLE), which stay relayed. The strategy each cell reports
 is checked against :func:`dhtnode.nat.strategy.choose` on the profiles the two sides can
-know: their NAT's class (and sequential port samples), and ``open=False`` for both, because both are short-lived
-client-mode nodes (``listen`` and ``ping``) that never prove themselves reachable.
+know: their NAT's class (and sequential port samples), and ``open=False`` for both, because
+both are short-lived client-mode nodes (``listen`` and ``ping``) that never prove themselves
+reachable.
 
 The matrix (server kind x client kind: strategy, median connect_ms, successes) is printed at
 the end (``pytest -s``) and written to ``connect-matrix.txt`` in the test's tmp dir.
