@@ -13,6 +13,7 @@ import pytest
 from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.node import DhtNode, DhtParams
+from dhtnode.nat.relay import RelayLimits
 from dhtnode.transport.connections import Connections
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire.address import normalize
@@ -33,7 +34,8 @@ async def start_peer(*, bootstrap: tuple[str, int] | None = None, first: bool = 
         Identity.generate(), PARAMS, now=time.monotonic(), wall=time.time,
         public_address=local if first else None, seeds=[bootstrap] if bootstrap else [],
     )
-    services = plug_in(node)
+    # Loopback moves hundreds of MB/s: relay limits that do not throttle the tests' transfers.
+    services = plug_in(node, relay_limits=RelayLimits(session_rate=200e6, total_rate=400e6))
     ep = await NodeEndpoint.create_on(sock, node)
     return Peer(ep, Connections(ep, services))
 
