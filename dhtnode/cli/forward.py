@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +55,6 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
         raise UsageError(f"{what}: {exc}") from None
 
 
-def service_key_path(state_dir: Path, target: tuple[str, int]) -> Path:
-    """One key per exposed service, so two ``expose`` commands never share a record."""
-    name = re.sub(r"[^A-Za-z0-9.-]", "_", f"{target[0]}-{target[1]}")
-    return state_dir / f"expose-{name}.key"
-
-
 def cmd_expose(args: argparse.Namespace) -> int:
     target = _host_port(args.target, "HOST:PORT")
     if not args.allow and not args.public:
@@ -77,7 +70,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
     async def main() -> int:
         from dhtnode.crypto.identity import load_or_create_identity
         from dhtnode.daemon.service import client_node, resolve
-        from dhtnode.daemon.state import ensure_state_dir
+        from dhtnode.daemon.state import ensure_state_dir, service_key_path
         from dhtnode.transport.forward import Exposer
 
         if args.key_file is None:

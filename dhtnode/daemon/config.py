@@ -115,6 +115,30 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class ExposeConfig:
+    """One ``[[expose]]``: a local TCP service served under its own key by the daemon."""
+
+    #: The local TCP service, "HOST:PORT".
+    target: tuple[str, int]
+    #: Client keys allowed (64 hex characters each); empty needs ``public = true``.
+    allow: tuple[bytes, ...] = ()
+    #: Let anyone who knows the key connect (a key is no secret).
+    public: bool = False
+    #: Key file; empty: expose-HOST-PORT.key in the state dir.
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """One ``[[forward]]``: a local TCP port the daemon carries to a key's exposed service."""
+
+    #: The exposing side's key (64 hex characters).
+    public_key: bytes
+    #: Local TCP address to accept connections on, "HOST:PORT".
+    listen: tuple[str, int]
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     #: Control socket path; empty = <state_dir>/control.sock.
     socket: Path | None = None
@@ -128,6 +152,8 @@ class Config:
     records: RecordsConfig = field(default_factory=RecordsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    expose: tuple[ExposeConfig, ...] = ()
+    forward: tuple[ForwardConfig, ...] = ()
 
     @property
     def control_socket_path(self) -> Path:
@@ -220,6 +246,9 @@ def load_config(path: Path | None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
     parts: dict[str, Any] = {}
+    for table in ("expose", "forward"):
+        if table in doc:
+            parts[table] = _entries(table, doc.pop(table))
     for table, body in doc.items():
         if table not in _TABLES:
             raise ConfigError(table, f"unknown table; known tables: {', '.join(_TABLES)}")
@@ -239,6 +268,63 @@ def load_config(path: Path | None) -> Config:
             values[key] = checked
         parts[table] = cls(**values)
     return Config(**parts)
+
+
+def _hex_key(name: str, value: Any) -> bytes:
+    try:
+        key = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(name, f"must be a public key of 64 hex characters, got {value!r}")
+    return key
+
+
+def _host_port(name: str, value: Any) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ConfigError(name, f'must be a "HOST:PORT" string, got {value!r}')
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise ConfigError(name, str(exc)) from None
+
+
+def _entries(table: str, items: Any) -> tuple[Any, ...]:
+    """``[[expose]]`` / ``[[forward]]`` arrays of tables."""
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(table, f"must be an array of tables, written [[{table}]]")
+    out: list[Any] = []
+    for n, item in enumerate(items):
+        where = f"{table}[{n}]"
+        known = ("target", "allow", "public", "key_file") if table == "expose" else (
+            "public_key", "listen")
+        for key in item:
+            if key not in known:
+                raise ConfigError(f"{where}.{key}", f"unknown key; known keys: {', '.join(known)}")
+        if table == "forward":
+            for key in known:
+                if key not in item:
+                    raise ConfigError(f"{where}.{key}", "is required")
+            out.append(ForwardConfig(_hex_key(f"{where}.public_key", item["public_key"]),
+                                     _host_port(f"{where}.listen", item["listen"])))
+            continue
+        if "target" not in item:
+            raise ConfigError(f"{where}.target", 'is required ("HOST:PORT" of the service)')
+        allow = item.get("allow", [])
+        if not isinstance(allow, list):
+            raise ConfigError(f"{where}.allow", "must be a list of 64-hex public keys")
+        public = _check(f"{where}.public", ("bool", None, None), item.get("public", False))
+        if not allow and not public:
+            raise ConfigError(f"{where}.allow", "is empty: list the client keys allowed, or set "
+                              "public = true (a key is no secret: anyone could connect)")
+        key_file = _check(f"{where}.key_file", ("path", None, None), item.get("key_file", ""))
+        out.append(ExposeConfig(
+            _host_port(f"{where}.target", item["target"]),
+            tuple(_hex_key(f"{where}.allow", k) for k in allow),
+            public,
+            key_file,
+        ))
+    return tuple(out)
 
 
 def apply_overrides(

@@ -13,7 +13,7 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from dhtnode.daemon.state import (
     ensure_state_dir,
     load_node_cache,
     save_node_cache,
+    service_key_path,
 )
 from dhtnode.dht.ids import parse_topic
 from dhtnode.dht.node import DhtNode, DhtParams, LookupResult
@@ -101,6 +102,7 @@ class Daemon:
         self.cfg = cfg
         self.endpoint: NodeEndpoint | None = None
         self.connections: Connections | None = None
+        self._forwarding: list[Any] = []
         self.control: ControlServer | None = None
         self.identity: Identity | None = None
         self._stop = asyncio.Event()
@@ -163,6 +165,47 @@ class Daemon:
         assert self.endpoint is not None
         size = await self.endpoint.run(lambda n: n.bootstrap())
         log.info("bootstrap_done", routing_table_size=size)
+        await self._start_forwarding()
+
+    async def _start_forwarding(self) -> None:
+        """The ``[[expose]]`` and ``[[forward]]`` entries of the config. A failure is logged
+        and retried: the network may not be up yet, or the other side not yet listening."""
+        from dhtnode.transport.forward import Exposer, Forwarder
+
+        assert self.connections is not None
+        cfg = self.cfg
+        for e in cfg.expose:
+            ident, _ = load_or_create_identity(
+                e.key_file or service_key_path(cfg.node.state_dir, e.target)
+            )
+            allowed = set(e.allow)
+            exposer = Exposer(self.connections, ident, e.target,
+                              allow=None if e.public else allowed.__contains__,
+                              on_event=_log_event)
+            self._forwarding.append(exposer)
+            self._tasks.append(asyncio.create_task(self._keep_trying(
+                exposer.start, "expose", target=f"{e.target[0]}:{e.target[1]}",
+                public_key=ident.public_key.hex())))
+        for f in cfg.forward:
+            fwd = Forwarder(self.connections, f.public_key, f.listen, identity=self.identity,
+                            on_event=_log_event)
+            self._forwarding.append(fwd)
+            self._tasks.append(asyncio.create_task(self._keep_trying(
+                fwd.start, "forward", listen=f"{f.listen[0]}:{f.listen[1]}",
+                public_key=f.public_key.hex())))
+
+    async def _keep_trying(self, start: Callable[[], Awaitable[Any]], what: str,
+                           **fields: Any) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await start()
+                log.info(f"{what}_started", **fields)
+                return
+            except (DhtnodeError, OSError) as exc:
+                log.warning(f"{what}_failed", error=str(exc), retry_in=delay, **fields)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
 
     async def _save_cache_periodically(self) -> None:
         while True:
@@ -205,6 +248,9 @@ class Daemon:
             except (TimeoutError, OperationError) as exc:
                 log.warning("withdraw_incomplete", error=str(exc) or "timeout")
             self.save_cache()
+            for f in self._forwarding:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(f.close(), 2.0)
             if self.connections is not None:
                 await self.connections.close()
             self.endpoint.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -32,6 +33,13 @@ NODES_FILE = "nodes.json"
 #: Nodes kept in the cache: enough to rejoin even if most of them are gone.
 MAX_CACHED_NODES = 256
 NODES_FORMAT_VERSION = 1
+
+
+def service_key_path(state_dir: Path, target: tuple[str, int]) -> Path:
+    """The key file of an exposed service: one per service, so two ``expose`` commands (or
+    ``[[expose]]`` entries) never replace each other's record."""
+    name = re.sub(r"[^A-Za-z0-9.-]", "_", f"{target[0]}-{target[1]}")
+    return state_dir / f"expose-{name}.key"
 
 
 def ensure_state_dir(path: Path) -> Path:
