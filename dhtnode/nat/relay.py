@@ -25,6 +25,8 @@ from dhtnode.wire import address as wire_address
 from dhtnode.wire import relay as wire
 from dhtnode.wire.address import Address
 
+_FROM_RELAY = bytes((wire.RelayType.DATA_FROM_RELAY,))
+
 #: Seconds between secret rotations; a minted token is accepted for one to two intervals, long
 #: enough for a connect, and a relayed member re-binds (with a fresh token) by reconnecting.
 SECRET_ROTATE = 300.0
@@ -181,8 +183,10 @@ class RelayTable:
         return out
 
     def _data(self, data: bytes, source: Address, now: float) -> list[tuple[bytes, Address]]:
-        session, _ = wire.split_data(data)
-        s = self._sessions.get(session)
+        # The hot path: read the session id without copying the payload.
+        if len(data) <= wire.DATA_HEADER_LEN:
+            raise wire.RelayDecodeError("DATA without payload")
+        s = self._sessions.get(data[1 : wire.DATA_HEADER_LEN])
         if s is None or now - s.created > self.limits.max_duration:
             self.stats["drop_relay_no_session"] += 1
             return []
@@ -205,7 +209,7 @@ class RelayTable:
         s.forwarded += n
         self.stats["relay_bytes"] += n
         self.stats["relay_datagrams"] += 1
-        return [(bytes((wire.RelayType.DATA_FROM_RELAY,)) + data[1:], other)]
+        return [(_FROM_RELAY + memoryview(data)[1:], other)]  # one copy
 
     def _release_ip(self, addr: Address) -> None:
         self._per_ip[addr[0]] -= 1
