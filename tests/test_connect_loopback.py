@@ -92,3 +92,14 @@ async def test_refused_unknown_and_many_in_a_row(net: list[Peer]) -> None:
     assert not client.conns._attempts and not server.conns._attempts
     assert len(os.listdir("/proc/self/fd")) <= fds_before
     assert len(asyncio.all_tasks()) <= tasks_before
+
+
+async def test_port_searches_toward_one_ip_are_budgeted(net: list[Peer]) -> None:
+    """A lying introducer cannot make a node spray thousands of probes at a victim over and
+    over: port searches toward one IP are budgeted (then the connection goes relayed)."""
+    from dhtnode.transport.connections import SEARCHES_PER_IP
+
+    conns = net[-1].conns
+    allowed = [conns._search_allowed("198.51.100.9") for _ in range(SEARCHES_PER_IP + 2)]
+    assert allowed == [True] * SEARCHES_PER_IP + [False, False]
+    assert conns._search_allowed("198.51.100.10")

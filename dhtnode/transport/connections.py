@@ -68,6 +68,15 @@ QUIC_HANDSHAKE_TIMEOUT = 5.0
 #: round trips on a LAN or a home connection) gets before a paired relay is used instead:
 #: starting on the relay and moving at once would only churn.
 RELAY_GRACE = 0.3
+#: Punch plans that may send more than this many probes search a peer's ports (birthday,
+#: prediction). Those toward one IP are budgeted: an introducer that lies about a client's
+#: address could otherwise aim thousands of probes at a victim. Above the budget the attempt
+#: does not punch, and the connection goes over the relay.
+SEARCH_SENDS = 100
+#: Port searches toward one IP per :data:`SEARCH_WINDOW` (2,048 probes of 31 bytes each: at
+#: most ~4 KB/s at a victim, while a client retrying a few times still gets direct paths).
+SEARCHES_PER_IP = 4
+SEARCH_WINDOW = 60.0
 #: Seconds a relayed path keeps receiving after the connection moved to the direct path
 #: (the peer moves when its own punch reports, a moment later).
 RELAY_DRAIN = 3.0
@@ -211,6 +220,8 @@ class Connections(Service):
         self._samples_stale = False
         self._resampling: asyncio.Task[None] | None = None
         self.relays = RelayPaths(endpoint, self._on_relayed, self.stats)
+        #: Recent port searches by peer IP (see :data:`SEARCHES_PER_IP`).
+        self._searches: dict[str, list[float]] = {}
         services.relay.member_sink = self.relays.receive
         self.node.register(self)
 
@@ -549,6 +560,12 @@ class Connections(Service):
             now=time.monotonic(),
             rng=self._rng,
         )
+        if plan.send_cap > SEARCH_SENDS and not self._search_allowed(ip):
+            plan.cancel()
+            plan.result = PunchFailed(
+                f"too many port searches toward {ip} in the last {SEARCH_WINDOW:g} s"
+            )
+            self.stats["punch_search_throttled"] += 1
         loop = asyncio.get_running_loop()
         att = _Attempt(plan, ip, loop.create_future())
         self._attempts[attempt_id] = att
@@ -560,6 +577,19 @@ class Connections(Service):
             self._spawn(self._open_sockets(att, wanted))
         self._pump(att)
         return att
+
+    def _search_allowed(self, ip: str) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self._searches.get(ip, ()) if now - t < SEARCH_WINDOW]
+        if len(recent) >= SEARCHES_PER_IP:
+            self._searches[ip] = recent
+            return False
+        recent.append(now)
+        self._searches[ip] = recent
+        if len(self._searches) > MAX_ATTEMPTS * 4:  # bounded: forget the quietest IPs
+            for old in [k for k, v in self._searches.items() if now - v[-1] >= SEARCH_WINDOW]:
+                del self._searches[old]
+        return True
 
     async def _open_sockets(self, att: _Attempt, n: int) -> None:
         def on_datagram(slot: int, data: bytes, source: Address) -> None:
