@@ -46,6 +46,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _log_event(name: str, fields: dict[str, Any]) -> None:
+    """Forwarding events (``forward_connected``, ``forward_failed``, ``expose_connect_failed``,
+    ``expose_stream_refused``) as log lines on stderr, as the daemon logs them."""
+    import structlog
+
+    structlog.get_logger("dhtnode").info(name, **fields)
+
+
 def _host_port(text: str, what: str) -> tuple[str, int]:
     from dhtnode.wire.address import parse_host_port
 
@@ -80,7 +88,8 @@ def cmd_expose(args: argparse.Namespace) -> int:
         seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
         async with client_node(cfg, bootstrap=seeds) as c:
             exposer = Exposer(c.connections, ident, target,
-                              allow=(lambda k: k in allow) if allow else None)
+                              allow=(lambda k: k in allow) if allow else None,
+                              on_event=_log_event)
             await exposer.start()
             emit({"public_key": ident.public_key.hex(), "listening": True,
                   "target": args.target, "key_file": str(key_path)},
@@ -108,7 +117,8 @@ def cmd_forward(args: argparse.Namespace) -> int:
         ident = load_or_create_identity(args.key_file)[0] if args.key_file else None
         seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
         async with client_node(cfg, bootstrap=seeds) as c:
-            fwd = Forwarder(c.connections, key, listen, identity=ident)
+            fwd = Forwarder(c.connections, key, listen, identity=ident,
+                            on_event=_log_event)
             bound = await fwd.start()
             emit({"public_key": key.hex(), "listen": f"{bound[0]}:{bound[1]}",
                   "forwarding": True}, args.json, f"forwarding {bound[0]}:{bound[1]} -> "

@@ -5,7 +5,12 @@ opens into a TCP connection to a local service; :class:`Forwarder` listens on a 
 port and turns every accepted TCP connection into one QUIC stream to the key's listener,
 over one connection that it re-establishes when it ends. Bytes flow both ways with
 back-pressure (``drain``), half-close (EOF one way keeps the other open) and errors (a reset
-on one side closes the other).
+on one side closes the other; a TCP side is reset, so a cut transfer never looks complete).
+
+Each stream starts with one byte, :data:`STREAM_OPEN`, that the forwarder sends at once: a
+QUIC stream reaches the peer only with its first byte, so without it a service that speaks
+first (SMTP, MySQL, VNC, FTP...) would wait for a client that waits for it, and the exposer
+would not even connect to it.
 
 Must not decide anything about connecting; it only moves bytes between streams.
 """
@@ -26,6 +31,20 @@ from dhtnode.transport.connections import Connection, Connections, Server
 CHUNK = 65536
 #: Seconds a TCP connect to the exposed service may take.
 TCP_CONNECT_TIMEOUT = 10.0
+#: The first byte of every forwarded stream (see the module doc); an exposer closes a stream
+#: that starts otherwise (another protocol, or a forwarder that sends none).
+STREAM_OPEN = b"\x01"
+#: Seconds an exposer waits for a new stream's first byte.
+STREAM_OPEN_TIMEOUT = 10.0
+
+
+def _abort(writer: Any) -> None:
+    """End ``writer`` after an error: a TCP connection is reset (its peer must not take a cut
+    transfer for a complete one); a QUIC stream is closed."""
+    if isinstance(writer, asyncio.StreamWriter):
+        writer.transport.abort()
+    else:
+        writer.close()
 
 
 async def pipe(reader: asyncio.StreamReader, writer: Any) -> None:
@@ -37,7 +56,7 @@ async def pipe(reader: asyncio.StreamReader, writer: Any) -> None:
         if writer.can_write_eof():
             writer.write_eof()
     except (ConnectionError, DhtnodeError, OSError):
-        writer.close()
+        _abort(writer)
 
 
 async def splice(
@@ -101,6 +120,15 @@ class Exposer:
 
     async def _one(self, stream: tuple[asyncio.StreamReader, Any]) -> None:
         self.streams += 1
+        try:
+            first = await asyncio.wait_for(stream[0].readexactly(1), STREAM_OPEN_TIMEOUT)
+        except (asyncio.IncompleteReadError, TimeoutError, DhtnodeError, ConnectionError):
+            first = b""
+        if first != STREAM_OPEN:
+            if self._on_event:
+                self._on_event("expose_stream_refused", {"first_byte": first.hex()})
+            stream[1].close()
+            return
         try:
             tcp = await asyncio.wait_for(
                 asyncio.open_connection(*self._target), TCP_CONNECT_TIMEOUT
@@ -170,19 +198,24 @@ class Forwarder:
         task.add_done_callback(self._tasks.discard)
 
     async def _one(self, tcp: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        conn: Connection | None = None
         for attempt in range(2):
             try:
                 conn = await self.connection()
                 stream = await conn.open_stream()
+                stream[1].write(STREAM_OPEN)  # the exposer connects to the service now
                 break
-            except DhtnodeError as exc:
-                if attempt == 1:
+            except Exception as exc:  # any error: the TCP client must not hang
+                if attempt == 1 or not isinstance(exc, DhtnodeError):
                     if self._on_event:
                         self._on_event("forward_failed", {"public_key": self._key.hex(),
-                                                          "error": str(exc)})
+                                                          "error": str(exc) or repr(exc)})
                     tcp[1].close()
                     return
-                self._conn = None  # a stale connection: connect afresh once
+                if conn is not None and self._conn is conn:
+                    # A stale connection: connect afresh once (unless another TCP
+                    # connection has done so meanwhile: that one is kept).
+                    self._conn = None
         await splice(tcp, stream)
 
     async def close(self) -> None:

@@ -75,11 +75,17 @@ class Swarm:
 
     def _add(self, conn: Connection) -> None:
         key = conn.peer_key
-        if key in self.peers:
-            # A second connection to the same peer (a race the tie-break should prevent):
-            # keep the first, so both sides keep the same one.
-            self._spawn(conn.close())
-            return
+        old = self.peers.get(key)
+        if old is not None and not old.quic.closed:
+            if old.quic.is_client or conn.quic.is_client:
+                # A second connection to the same peer in the other direction (a race the
+                # tie-break should prevent): keep the first, so both sides keep the same one.
+                self._spawn(conn.close())
+                return
+            # The peer dialled us again: it dials only when it has no connection to us, so
+            # ours is stale (it restarted, or lost the connection without a word reaching
+            # us). Keeping it would refuse the peer until the stale one idles out.
+            self._spawn(old.close())
         self.peers[key] = conn
         self._spawn(self._watch(conn))
         self._on_connection(conn)
