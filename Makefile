@@ -41,3 +41,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# Docker swarm test (root): builds the image offline, runs 3 bootstrap + 12 nodes behind NAT
+# router containers, checks them, tears everything down. See README "Docker and swarm tests".
+.PHONY: swarm
+swarm: $(STAMP)
+	$(PYTHON) deploy/swarm/run.py
