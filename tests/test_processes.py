@@ -163,7 +163,9 @@ def test_daemons_announce_and_lookup_across_processes(tmp_path: Path, procs: lis
                 "--state-dir", str(tmp_path / "looker")),
         capture_output=True, text=True, timeout=30,
     )
-    assert out.returncode == 1 and out.stdout == ""  # nothing found after the withdrawal
+    # Nothing found after the withdrawal: exit 1 and, with --json, the error object.
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["error"] == "not_found"
 
     # Clean shutdown saves the node cache; a restart keeps the identity and rejoins from the
     # cache with no bootstrap given.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -31,6 +32,26 @@ class UsageError(DhtnodeError):
     """A command-line argument is invalid (exit code 2)."""
 
 
+class NotFound(DhtnodeError):
+    """The network answered, but has nothing for the request (exit code 1)."""
+
+    code = "not_found"
+
+
+class NotAnnounced(DhtnodeError):
+    """An ``unannounce`` of a topic this key has no record for (exit code 1)."""
+
+    code = "not_announced"
+
+
+#: Every ``error`` code a ``--json`` error object can carry (see docs/API.md):
+#: usage (exit 2), no_network (exit 3: nothing answered), and exit 1 for the rest.
+ERROR_CODES = (
+    "usage", "no_network", "not_found", "not_announced", "failed", "no_daemon",
+    "permission_denied", "peer_not_found", "refused", "introduction_failed", "punch_failed",
+)
+
+
 def common_args(p: argparse.ArgumentParser, *, log_default: str | None = None) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (see config.example.toml)")
     p.add_argument("--state-dir", type=Path, help="directory for the identity key and node cache")
@@ -38,6 +59,42 @@ def common_args(p: argparse.ArgumentParser, *, log_default: str | None = None) -
                    default=log_default, help="log verbosity (logs go to stderr)")
     p.add_argument("--log-format", choices=["auto", "json", "console"],
                    help="auto = JSON lines unless stderr is a terminal")
+    p.add_argument("--control", type=Path, metavar="PATH",
+                   help="the daemon's control socket (default: the state dir's, else the "
+                   f"system service's {SYSTEM_CONTROL_SOCKET})")
+
+
+#: The control socket of the systemd service (deploy/systemd/dhtnode.service).
+SYSTEM_CONTROL_SOCKET = Path("/run/dhtnode/control.sock")
+
+
+def control_path(args: argparse.Namespace) -> Path:
+    """The control socket a verb talks to: ``--control``; else the configured one (``[control]
+    socket``, or the state dir's); but when neither --state-dir nor --config was given and no
+    daemon of the user's own answers, the system service's (:data:`SYSTEM_CONTROL_SOCKET`) if
+    it exists."""
+    explicit = getattr(args, "control", None)
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    own = Path(config_from_args(args).control_socket_path)
+    if args.state_dir is not None or args.config is not None:
+        return own
+    if _answers(own) or not os.path.lexists(SYSTEM_CONTROL_SOCKET):
+        return own
+    return SYSTEM_CONTROL_SOCKET
+
+
+def _answers(path: Path) -> bool:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        s.close()
 
 
 def net_args(p: argparse.ArgumentParser) -> None:
@@ -83,10 +140,15 @@ def emit(obj: dict[str, Any], as_json: bool, text: str, *, err: bool = False) ->
         print(text, file=out, flush=True)
 
 
+def emit_json_error(code: str, message: str) -> None:
+    """The ``--json`` error object, on stdout."""
+    print(json.dumps({"ok": False, "error": code, "message": message},
+                     separators=(",", ":"), sort_keys=True), flush=True)
+
+
 def emit_error(code: str, message: str, as_json: bool, verb: str) -> None:
     if as_json:
-        print(json.dumps({"ok": False, "error": code, "message": message},
-                         separators=(",", ":"), sort_keys=True), flush=True)
+        emit_json_error(code, message)
     print(f"dhtnode {verb}: {'error: ' if code == 'usage' else ''}{message}", file=sys.stderr)
 
 

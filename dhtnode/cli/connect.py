@@ -19,6 +19,7 @@ from dhtnode.cli.common import (
     UsageError,
     common_args,
     config_from_args,
+    control_path,
     emit,
     net_args,
     run_async,
@@ -206,7 +207,7 @@ def cmd_ping_key(args: argparse.Namespace) -> int:
     if args.via_daemon:
         from dhtnode.daemon import control
 
-        path = Path(config_from_args(args).control_socket_path)
+        path = control_path(args)
         res = asyncio.run(control.request(path, "ping_key", public_key=key.hex(), timeout=30))
     else:
         cfg = config_from_args(args)

@@ -1,8 +1,9 @@
 """The ``dhtnode`` command line: argument parsing, output formatting, exit codes.
 
-Exit codes: 0 ok, 1 failure (network, nothing found), 2 usage error (bad argument or config;
-the message names the field and what is allowed). Results go to stdout (``--json``: one object
-per line, stable keys); logs go to stderr.
+Exit codes: 0 ok, 1 failure (nothing found, refused), 2 usage error (bad argument or config;
+the message names the field and what is allowed), 3 nothing answered (no network). Results go
+to stdout (``--json``: one object per line, the keys of docs/JSON.md; errors too); logs go to
+stderr.
 
 Each verb is a small function that builds a config and calls ``dhtnode.daemon.service``;
 no protocol logic lives here.
@@ -16,25 +17,32 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dhtnode import __version__
 from dhtnode.cli import connect as connect_verbs
 from dhtnode.cli import forward as forward_verbs
+from dhtnode.cli import help as help_pages
+from dhtnode.cli import netcheck as netcheck_verb
 from dhtnode.cli.common import (
     EXIT_FAILURE,
     EXIT_NO_NETWORK,
     EXIT_OK,
     EXIT_USAGE,
+    NotAnnounced,
+    NotFound,
     UsageError,
     common_args,
     config_from_args,
+    control_path,
     emit,
     emit_error,
+    emit_json_error,
     net_args,
     run_async,
     setup_logging,
 )
+from dhtnode.dht.op import NoAnswer
 from dhtnode.errors import ConfigError, DhtnodeError
 from dhtnode.wire.address import format_addr
 
@@ -44,8 +52,33 @@ def _topic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topic-name", help="derive the topic from a name (BLAKE2b-256)")
 
 
+class _ArgumentError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Raises instead of exiting on a bad argument, so ``main`` can also print the JSON
+    error object when ``--json`` was given (subparsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentError(self, message)
+
+
+def _daemon_args(p: argparse.ArgumentParser, via_help: str) -> None:
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--via-daemon", action="store_true",
+                     help=f"{via_help} (the default when a daemon answers on the state dir "
+                     "and no --bootstrap is given)")
+    how.add_argument("--one-shot", action="store_true",
+                     help="use a short-lived node of this command's own, even when a daemon "
+                     "runs")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="dhtnode",
         description="Kademlia DHT node with a STUN reflector and signed topic records.",
     )
@@ -59,33 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-node", action="store_true", default=None,
                    help="first node of a network on a public address: serve at once")
     p.add_argument("--public-host", help="public IP to advertise with --bootstrap-node")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (e.g. "
+                   "127.0.0.1:9464; default: [metrics] listen, off)")
 
     p = sub.add_parser("status", help="ask the running daemon for its state")
     common_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
 
-    p = sub.add_parser("announce", help="announce a topic from a short-lived node")
+    p = sub.add_parser("peers", help="list the daemon's routing table")
+    common_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per node")
+
+    p = sub.add_parser("id", help="print this node's public key (and node id)")
+    common_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+    p = sub.add_parser("announce", help="announce a topic (through the daemon if one runs)")
     common_args(p, log_default="warning")
     net_args(p)
     _topic_args(p)
-    p.add_argument("--keep-alive", type=float, default=0.0, metavar="SECONDS",
-                   help="stay up this long, refreshing the record, then withdraw it")
-    p.add_argument("--via-daemon", action="store_true",
-                   help="ask the running daemon to announce (it keeps refreshing it)")
+    p.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
+                   help="one-shot node: stay up this long, refreshing the record, then "
+                   "withdraw it (required: a record for a port that closes is useless)")
+    _daemon_args(p, "ask the running daemon to announce (it keeps refreshing it)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("unannounce", help="withdraw a topic announcement")
     common_args(p, log_default="warning")
     net_args(p)
     _topic_args(p)
-    p.add_argument("--via-daemon", action="store_true")
+    _daemon_args(p, "ask the running daemon to withdraw it")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("lookup", help="find the records announced for a topic")
     common_args(p, log_default="warning")
     net_args(p)
     _topic_args(p)
-    p.add_argument("--via-daemon", action="store_true", help="look up through the running daemon")
+    _daemon_args(p, "look up through the running daemon")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
 
     p = sub.add_parser("ping", help="ping a DHT node (HOST:PORT) or a listener (PUBKEY)")
@@ -98,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     connect_verbs.add_parsers(sub)
+    netcheck_verb.add_parser(sub)
     forward_verbs.add_parsers(sub)
 
     p = sub.add_parser("stun", help="ask a STUN server (any dhtnode) for our public address")
     common_args(p, log_default="warning")
     p.add_argument("address", metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=1.0, help="seconds per attempt")
+    p.add_argument("--timeout", type=float, default=3.0,
+                   help="seconds to wait in all, retransmissions included (default 3)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("keygen", help="create the identity key (never overwrites one)")
@@ -114,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("topic", help="print the topic key derived from a name")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
+    help_pages.apply(sub)
     return parser
 
 
@@ -135,17 +182,61 @@ def _topic(args: argparse.Namespace) -> bytes:
         raise UsageError(f"TOPIC: {exc}") from None
 
 
+def _daemon_answers(path: Path) -> bool:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        s.close()
+
+
+def _use_daemon(args: argparse.Namespace) -> bool:
+    """``--via-daemon``; or by default (as ``tailscale`` or ``ipfs`` do) when a daemon answers
+    and neither ``--one-shot`` nor ``--bootstrap`` asks for a short-lived node."""
+    if args.via_daemon:
+        return True
+    if args.one_shot or args.bootstrap:
+        return False
+    return _daemon_answers(_control_path(args))
+
+
+def _refuse_daemons_key(args: argparse.Namespace, cfg: Any, verb: str) -> None:
+    """A one-shot node on the daemon's state dir signs with the daemon's key and a newer
+    seq: its record would replace the daemon's live one."""
+    if _daemon_answers(Path(cfg.control_socket_path)):
+        raise UsageError(
+            f"a daemon runs on {cfg.node.state_dir} with the same key: a one-shot {verb} "
+            "would replace its live record. Leave out --one-shot/--bootstrap (or give "
+            "--via-daemon) to go through the daemon, or use another --state-dir"
+        )
+
+
 # --------------------------------------------------------------------------- verbs
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dhtnode.daemon.service import Daemon
 
-    cfg = config_from_args(args)
+    def configure() -> Any:  # again on SIGHUP: the file and this command line
+        from dataclasses import replace
+
+        from dhtnode.daemon.config import with_metrics
+
+        cfg = with_metrics(config_from_args(args), args.metrics)
+        if args.control is not None:
+            cfg = replace(cfg, control=replace(cfg.control, socket=args.control.expanduser()))
+        return cfg
+
+    cfg = configure()
     setup_logging(cfg)
 
     async def main() -> int:
-        d = Daemon(cfg)
+        d = Daemon(cfg, reload=configure)
         await d.start()
         await d.run_forever()
         return EXIT_OK
@@ -154,8 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _control_path(args: argparse.Namespace) -> Path:
-    cfg = config_from_args(args)
-    return Path(cfg.control_socket_path)
+    return control_path(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -177,23 +267,81 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"announced:      {len(st['announced_topics'])} topics",
             f"connections:    {len(st.get('connections', []))}",
             f"uptime:         {st['uptime']} s",
+            *(f"warning:        {w}" for w in st.get("warnings", [])),
         ]
     )
     emit(st, args.json, text)
     return EXIT_OK
 
 
+#: The keys of each ``dhtnode peers --json`` object (besides ``ok``).
+PEER_KEYS = ("node_id", "address", "last_seen_s", "rtt_ms", "failures")
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from dhtnode.daemon import control
+
+    res = asyncio.run(control.request(_control_path(args), "nodes"))
+    peers = [{k: p.get(k) for k in PEER_KEYS} for p in res.get("peers", [])]
+    if not args.json:
+        print(f"{'NODE ID':<16}  {'ADDRESS':<40}  {'SEEN':>7}  {'RTT':>9}")
+    for p in peers:
+        rtt = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "-"
+        emit(p, args.json, f"{p['node_id'][:16]}  {p['address']:<40}  "
+                           f"{p['last_seen_s']:>5.0f} s  {rtt:>9}")
+    if not peers:
+        print("the routing table is empty: no DHT node has answered yet (see `dhtnode "
+              "status`)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    from dhtnode.crypto.identity import load_identity
+    from dhtnode.daemon import control
+    from dhtnode.daemon.service import identity_path
+
+    cfg = config_from_args(args)
+    path = identity_path(cfg.node.state_dir)
+    if not path.exists():
+        raise DhtnodeError(f"no identity key at {path} yet: `dhtnode keygen` or `dhtnode run` "
+                           "creates one (or pass --state-dir)")
+    ident = load_identity(path)
+    node_id = None
+    try:
+        node_id = asyncio.run(control.request(cfg.control_socket_path, "status", timeout=2.0))[
+            "node_id"]
+    except DhtnodeError:
+        pass  # no daemon: the key is still ours
+    emit({"public_key": ident.public_key.hex(), "key_file": str(path), "node_id": node_id},
+         args.json, ident.public_key.hex())
+    return EXIT_OK
+
+
 def cmd_announce(args: argparse.Namespace) -> int:
     topic = _topic(args)
-    if args.keep_alive < 0:
-        raise UsageError(f"--keep-alive: must be >= 0 seconds, got {args.keep_alive}")
-    if args.via_daemon:
+    if args.keep_alive is not None and args.keep_alive <= 0:
+        raise UsageError(f"--keep-alive: must be > 0 seconds, got {args.keep_alive}")
+    if args.via_daemon and args.keep_alive is not None:
+        raise UsageError("--keep-alive is for a one-shot node; the daemon keeps its "
+                         "announcements refreshed until `unannounce`")
+    # --keep-alive asks for a one-shot node, like --one-shot.
+    if args.via_daemon or (args.keep_alive is None and _use_daemon(args)):
         from dhtnode.daemon import control
 
         res = asyncio.run(control.request(_control_path(args), "announce", topic=topic.hex()))
-        emit(res, args.json, f"announced {topic.hex()} on {res['stored_on']} nodes (daemon)")
+        emit(_announced_obj(topic, res["public_key"], res["stored_on"], res["public_address"],
+                            0.0, via_daemon=True),
+             args.json, f"announced {topic.hex()} on {res['stored_on']} nodes (daemon)")
         return EXIT_OK if res["stored_on"] else EXIT_FAILURE
+    if args.keep_alive is None:
+        raise UsageError(
+            "a one-shot announce needs --keep-alive SECONDS: its record points at this "
+            "command's own UDP port, which closes when it exits, so without it the record "
+            "would send everyone to a dead address for its whole TTL. Run a daemon "
+            "(`dhtnode run`) and announce through it, or give --keep-alive"
+        )
     cfg = config_from_args(args)
+    _refuse_daemons_key(args, cfg, "announce")
     setup_logging(cfg)
 
     async def main() -> int:
@@ -205,57 +353,71 @@ def cmd_announce(args: argparse.Namespace) -> int:
         ident, _ = load_or_create_identity(identity_path(cfg.node.state_dir))
         seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
         async with client_node(cfg, identity=ident, bootstrap=seeds) as c:
-            stored = await c.endpoint.run(lambda n: n.announce(topic, refresh=args.keep_alive > 0))
+            stored = await c.endpoint.run(lambda n: n.announce(topic))
             pub = c.node.public
             emit(
-                {
-                    "event": "announced",
-                    "topic": topic.hex(),
-                    "public_key": ident.public_key.hex(),
-                    "stored_on": stored,
-                    "public_address": format_addr(pub) if pub else None,
-                    "keep_alive": args.keep_alive,
-                },
+                _announced_obj(topic, ident.public_key.hex(), stored,
+                               format_addr(pub) if pub else None, args.keep_alive,
+                               via_daemon=False),
                 args.json,
                 f"announced {topic.hex()} as {ident.public_key.hex()} on {stored} nodes",
             )
             if not stored:
                 return EXIT_FAILURE
-            if args.keep_alive > 0:
-                stop = asyncio.Event()
-                loop = asyncio.get_running_loop()
-                import signal
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            import signal
 
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, stop.set)
-                try:
-                    await asyncio.wait_for(stop.wait(), args.keep_alive)
-                except TimeoutError:
-                    pass
-                try:
-                    gone = await asyncio.wait_for(c.endpoint.run(lambda n: n.close()), 5.0)
-                except (TimeoutError, DhtnodeError):
-                    gone = 0
-                _emit_unannounced(args, topic, gone)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await asyncio.wait_for(stop.wait(), args.keep_alive)
+            except TimeoutError:
+                pass
+            try:
+                gone = await asyncio.wait_for(c.endpoint.run(lambda n: n.close()), 5.0)
+            except (TimeoutError, DhtnodeError):
+                gone = 0
+            _emit_unannounced(args, topic, ident.public_key.hex(), gone, via_daemon=False)
             return EXIT_OK
 
     return run_async(main())
 
 
-def _emit_unannounced(args: argparse.Namespace, topic: bytes, gone: int) -> None:
-    emit({"event": "unannounced", "topic": topic.hex(), "withdrawn_from": gone},
-          args.json, f"withdrew {topic.hex()} from {gone} nodes")
+def _announced_obj(topic: bytes, public_key: str, stored: int, public_address: str | None,
+                   keep_alive: float, *, via_daemon: bool) -> dict[str, Any]:
+    """``announce --json``: the same keys with or without ``--via-daemon``."""
+    return {"event": "announced", "topic": topic.hex(), "public_key": public_key,
+            "stored_on": stored, "public_address": public_address, "keep_alive": keep_alive,
+            "via_daemon": via_daemon}
+
+
+def _emit_unannounced(args: argparse.Namespace, topic: bytes, public_key: str, gone: int, *,
+                      via_daemon: bool) -> None:
+    """``unannounce --json``: the same keys with or without ``--via-daemon``."""
+    emit({"event": "unannounced", "topic": topic.hex(), "public_key": public_key,
+          "withdrawn_from": gone, "via_daemon": via_daemon},
+         args.json, f"withdrew {topic.hex()} from {gone} nodes")
+
+
+def _not_announced(topic: bytes, public_key: str, where: str) -> NotAnnounced:
+    return NotAnnounced(
+        f"topic {topic.hex()} is not announced by {public_key} ({where}): nothing to withdraw"
+    )
 
 
 def cmd_unannounce(args: argparse.Namespace) -> int:
     topic = _topic(args)
-    if args.via_daemon:
+    if _use_daemon(args):
         from dhtnode.daemon import control
 
         res = asyncio.run(control.request(_control_path(args), "unannounce", topic=topic.hex()))
-        emit(res, args.json, f"withdrew {topic.hex()} from {res['withdrawn_from']} nodes")
+        if not res.get("was_announced", True):
+            raise _not_announced(topic, res["public_key"], "the daemon has no such announcement")
+        _emit_unannounced(args, topic, res["public_key"], res["withdrawn_from"], via_daemon=True)
         return EXIT_OK
     cfg = config_from_args(args)
+    _refuse_daemons_key(args, cfg, "unannounce")
     setup_logging(cfg)
 
     async def main() -> int:
@@ -265,8 +427,14 @@ def cmd_unannounce(args: argparse.Namespace) -> int:
         ident, _ = load_or_create_identity(identity_path(cfg.node.state_dir))
         seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
         async with client_node(cfg, identity=ident, bootstrap=seeds) as c:
+            # Withdraw only what exists: a marker for a topic never announced would say
+            # "withdrew from 5 nodes" about nothing.
+            found = await c.endpoint.run(lambda n: n.lookup(topic))
+            if not any(r.public_key == ident.public_key for r in found.records):
+                raise _not_announced(topic, ident.public_key.hex(),
+                                     "no record of this key on the network")
             gone = await c.endpoint.run(lambda n: n.unannounce(topic))
-        _emit_unannounced(args, topic, gone)
+        _emit_unannounced(args, topic, ident.public_key.hex(), gone, via_daemon=False)
         return EXIT_OK
 
     return run_async(main())
@@ -277,11 +445,14 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 
     topic = _topic(args)
     records: list[dict[str, Any]]
-    if args.via_daemon:
+    if _use_daemon(args):
         from dhtnode.daemon import control
 
         res = asyncio.run(control.request(_control_path(args), "lookup", topic=topic.hex()))
         records = list(res["records"])
+        if not records and res.get("responses", 1) == 0:
+            raise NoAnswer("nothing answered: the daemon's lookup got no reply (its routing "
+                           "table may be empty; see `dhtnode status`)")
     else:
         cfg = config_from_args(args)
         setup_logging(cfg)
@@ -292,15 +463,18 @@ def cmd_lookup(args: argparse.Namespace) -> int:
             seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
             async with client_node(cfg, bootstrap=seeds) as c:
                 res = await c.endpoint.run(lambda n: n.lookup(topic))
+                if not res.records and res.responses == 0:
+                    raise NoAnswer("nothing answered: no DHT node replied to the lookup")
                 return [record_to_json(topic, r) for r in res.records]
 
         records = asyncio.run(main())
+    if not records:
+        raise NotFound(f"no records for {topic.hex()}: the network answered, but nobody "
+                       "announces this topic")
     for r in records:
         addrs = ", ".join(f"{a['kind']} {a['address']}" for a in r["addresses"]) or "-"
         emit(r, args.json, f"{r['public_key']}  seq={r['seq']}  {addrs}")
-    if not records and not args.json:
-        print(f"no records for {topic.hex()}", file=sys.stderr)
-    return EXIT_OK if records else EXIT_FAILURE
+    return EXIT_OK
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -364,7 +538,8 @@ def cmd_stun(args: argparse.Namespace) -> int:
         targets = await resolve([(host, port)])
         if not targets:
             raise DhtnodeError(f"cannot resolve {host}")
-        mapped = await stun_query(targets[0], timeout=args.timeout)
+        # 4 sends with doubling waits: 1 + 2 + 4 + 8 = 15 first waits fill --timeout.
+        mapped = await stun_query(targets[0], timeout=args.timeout / 15, retries=3)
         emit({"server": args.address, "mapped_address": format_addr(mapped)},
               args.json, f"mapped address: {mapped[0]}:{mapped[1]}")
         return EXIT_OK
@@ -380,7 +555,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.out is None:
         ensure_state_dir(cfg.node.state_dir)
-    path = args.out or identity_path(cfg.node.state_dir)
+    elif not args.out.expanduser().parent.is_dir():
+        raise UsageError(
+            f"--out: directory {args.out.expanduser().parent} does not exist; create it first "
+            "(mkdir -m 700 DIR): keygen creates no directories"
+        )
+    path = args.out.expanduser() if args.out else identity_path(cfg.node.state_dir)
     ident, created = load_or_create_identity(path)
     emit({"path": str(path), "public_key": ident.public_key.hex(), "created": created},
           args.json,
@@ -400,6 +580,8 @@ def cmd_topic(args: argparse.Namespace) -> int:
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "status": cmd_status,
+    "peers": cmd_peers,
+    "id": cmd_id,
     "announce": cmd_announce,
     "unannounce": cmd_unannounce,
     "lookup": cmd_lookup,
@@ -412,12 +594,23 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "join": connect_verbs.cmd_join,
     "expose": forward_verbs.cmd_expose,
     "forward": forward_verbs.cmd_forward,
+    "netcheck": netcheck_verb.cmd_netcheck,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as exc:
+        exc.parser.print_usage(sys.stderr)
+        verb = next((a for a in argv if a in VERBS), "")
+        if "--json" in argv:
+            emit_json_error("usage", exc.message)
+        print(f"{f'dhtnode {verb}' if verb else 'dhtnode'}: error: {exc.message}",
+              file=sys.stderr)
+        return EXIT_USAGE
     as_json = bool(getattr(args, "json", False))
     try:
         return VERBS[args.verb](args)

@@ -7,6 +7,7 @@ is allowed. Unknown keys are errors too: a typo must not silently fall back to a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -142,6 +143,15 @@ class ForwardConfig:
 class ControlConfig:
     #: Control socket path; empty = <state_dir>/control.sock.
     socket: Path | None = None
+    #: Group allowed to use the socket (mode 0660, e.g. "dhtnode" under systemd); empty: only
+    #: the daemon's user (mode 0600).
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: Prometheus metrics on http://HOST:PORT/metrics, e.g. "127.0.0.1:9464"; empty: off.
+    listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,7 @@ class Config:
     records: RecordsConfig = field(default_factory=RecordsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     expose: tuple[ExposeConfig, ...] = ()
     forward: tuple[ForwardConfig, ...] = ()
 
@@ -160,13 +171,14 @@ class Config:
         return self.control.socket or self.node.state_dir / "control.sock"
 
 
-# (table, key) -> (kind, low, high) for numbers; kind in int/float/str/bool/path/bootstrap/enum
+# (table, key) -> (kind, low, high) for numbers; kind in int/float/str/ip/bool/path/bootstrap/enum
+# (for ip, low says what the address is for)
 _RULES: dict[tuple[str, str], tuple[str, Any, Any]] = {
-    ("node", "host"): ("str", None, None),
+    ("node", "host"): ("ip", "an address of this host to bind", None),
     ("node", "port"): ("int", 0, 65535),
     ("node", "bootstrap"): ("bootstrap", None, None),
     ("node", "bootstrap_node"): ("bool", None, None),
-    ("node", "public_host"): ("str", None, None),
+    ("node", "public_host"): ("ip", "the public IP other nodes reach this one at", None),
     ("node", "state_dir"): ("path", None, None),
     ("log", "level"): ("enum", ("debug", "info", "warning", "error"), None),
     ("log", "format"): ("enum", ("auto", "json", "console"), None),
@@ -185,9 +197,11 @@ _RULES: dict[tuple[str, str], tuple[str, Any, Any]] = {
     ("relay", "total_rate"): ("float", 1000.0, 1e11),
     ("relay", "max_duration"): ("float", 10.0, 86400.0 * 7),
     ("control", "socket"): ("path", None, None),
+    ("control", "group"): ("str", None, None),
+    ("metrics", "listen"): ("listen", None, None),
 }
 _TABLES = {"node": NodeConfig, "log": LogConfig, "dht": DhtConfig, "records": RecordsConfig,
-           "relay": RelayConfig, "control": ControlConfig}
+           "relay": RelayConfig, "control": ControlConfig, "metrics": MetricsConfig}
 
 
 def _check(name: str, rule: tuple[str, Any, Any], value: Any) -> Any:
@@ -212,6 +226,20 @@ def _check(name: str, rule: tuple[str, Any, Any], value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(name, f"must be a string, got {value!r}")
         return value.strip()
+    if kind == "ip":
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be an IP address string, got {value!r}")
+        text = value.strip()
+        try:
+            if text:
+                ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(
+                name, f"must be an IP address ({low}), such as 0.0.0.0, :: or 203.0.113.7; "
+                f"got {text!r}. Names are not resolved here: give the address itself "
+                "(e.g. the output of `getent ahosts NAME`)"
+            ) from None
+        return text
     if kind == "enum":
         if value not in low:
             raise ConfigError(name, f"must be one of {', '.join(low)}, got {value!r}")
@@ -220,13 +248,25 @@ def _check(name: str, rule: tuple[str, Any, Any], value: Any) -> Any:
         if not isinstance(value, str | Path):
             raise ConfigError(name, f"must be a path string, got {value!r}")
         return Path(value).expanduser() if str(value) else None
+    if kind == "listen":
+        if not isinstance(value, str):
+            raise ConfigError(name, f'must be a "HOST:PORT" string (or "" for off), got {value!r}')
+        if not value.strip():
+            return ""
+        try:
+            parse_host_port(value.strip())
+        except ValueError as exc:
+            raise ConfigError(name, f'must be "HOST:PORT" (or "" for off): {exc}') from None
+        return value.strip()
     if kind == "bootstrap":
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(name, 'must be a list of "HOST:PORT" strings')
         out = []
         for v in value:
             try:
-                out.append(parse_host_port(v, default_port=DEFAULT_PORT))
+                # The port is required, as everywhere else (ping, stun, [[forward]]): a
+                # silent default would join the wrong port with no trace.
+                out.append(parse_host_port(v))
             except ValueError as exc:
                 raise ConfigError(name, str(exc)) from None
         return tuple(out)
@@ -359,3 +399,11 @@ def apply_overrides(
     if log_format is not None:
         log["format"] = _check("--log-format", _RULES[("log", "format")], log_format)
     return replace(cfg, node=replace(cfg.node, **node), log=replace(cfg.log, **log))
+
+
+def with_metrics(cfg: Config, listen: str | None) -> Config:
+    """``--metrics HOST:PORT`` (None = not given) on top of ``cfg``; same validation."""
+    if listen is None:
+        return cfg
+    return replace(cfg, metrics=MetricsConfig(_check("--metrics", _RULES[("metrics", "listen")],
+                                                     listen)))

@@ -34,7 +34,39 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class ControlError(DhtnodeError):
-    """The control socket could not be reached or the daemon refused the request."""
+    """The control socket could not be reached or the daemon refused the request. ``code``:
+    ``no_daemon``, ``permission_denied`` or ``failed``."""
+
+    def __init__(self, message: str, *, code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Longest Unix socket path the kernel takes (sun_path is 108 bytes with its NUL on Linux).
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse a control socket path the kernel cannot bind or connect to, with the fix."""
+    n = len(os.fsencode(str(path)))
+    if n > MAX_SOCKET_PATH:
+        raise ControlError(
+            f"control socket path {path} is {n} bytes; a Unix socket path may have at most "
+            f"{MAX_SOCKET_PATH}. Fix: set [control] socket in the config to a shorter path "
+            "(e.g. /run/user/$UID/dhtnode.sock), or use a shorter --state-dir"
+        )
+
+
+def _group_id(name: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ControlError(
+            f"[control] group: no group named {name!r} on this machine; create it "
+            "(systemd-sysusers deploy/systemd/dhtnode.sysusers.conf) or leave the key empty"
+        ) from None
 
 
 def _socket_in_use(path: Path) -> bool:
@@ -66,14 +98,17 @@ def _kind(mode: int) -> str:
 
 
 class ControlServer:
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, *, group: str = "") -> None:
+        """``group``: members of that group may use the socket too (mode 0660)."""
         self.path = path
         self._handler = handler
+        self._group = group
         self._server: asyncio.base_events.Server | None = None
         # (device, inode) of the socket we created: the only thing close() may delete.
         self._created: tuple[int, int] | None = None
 
     async def start(self) -> None:
+        check_socket_path(self.path)
         st = _lstat(self.path)
         if st is not None:
             if not stat.S_ISSOCK(st.st_mode):
@@ -88,14 +123,26 @@ class ControlServer:
                     "give this one another --state-dir"
                 )
             self.path.unlink()  # left over from a daemon that did not shut down cleanly
-        old = os.umask(0o177)  # the socket is created 0600, with no window of wider access
+        gid = _group_id(self._group) if self._group else None
+        # Created 0600 (0660 for a group), with no window of wider access.
+        old = os.umask(0o117 if gid is not None else 0o177)
         try:
             self._server = await asyncio.start_unix_server(
                 self._serve, path=str(self.path), limit=MAX_REQUEST
             )
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        if gid is not None:
+            try:
+                if os.stat(self.path).st_gid != gid:
+                    os.chown(self.path, -1, gid)
+            except OSError as exc:
+                await self.close()
+                raise ControlError(
+                    f"cannot give the control socket {self.path} to group {self._group!r} "
+                    f"([control] group): {exc.strerror}. The daemon's user must be a member"
+                ) from None
+        os.chmod(self.path, 0o660 if gid is not None else 0o600)
         st = _lstat(self.path)
         if st is not None:
             self._created = (st.st_dev, st.st_ino)
@@ -152,14 +199,24 @@ async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
 
 async def request(path: Path, cmd: str, timeout: float = CLIENT_TIMEOUT, **args: Any) -> Any:
     """Send one command to the daemon at ``path``; returns its result or raises ControlError."""
+    check_socket_path(path)
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(path), limit=1 << 22), timeout
         )
+    except PermissionError:
+        raise ControlError(
+            f"permission denied on the control socket {path}: the daemon runs as another "
+            "user. For the systemd service, add yourself to group dhtnode (sudo usermod -aG "
+            "dhtnode $USER, then log in again); else run this command as the daemon's user, "
+            "or give the daemon [control] group and join that group",
+            code="permission_denied",
+        ) from None
     except (OSError, TimeoutError) as exc:
         raise ControlError(
             f"no daemon answering on {path} ({exc.__class__.__name__}: {exc}); start one with "
-            "`dhtnode run`, or point at its state dir with --state-dir"
+            "`dhtnode run`, or point at its state dir with --state-dir",
+            code="no_daemon",
         ) from None
     try:
         writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")

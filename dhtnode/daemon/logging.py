@@ -57,5 +57,48 @@ def configure_logging(
     logging.getLogger("aioquic").setLevel(max(numeric, logging.WARNING))
 
 
+class _Logger:
+    """What every module of the package logs through. Once the application configured
+    structlog (``dhtnode`` commands call :func:`configure_logging`), events go there; in a
+    program that merely imports ``dhtnode`` they go to the standard ``logging`` logger of the
+    same name, so the library prints nothing on its own (Python's last-resort handler shows
+    warnings and errors on stderr until the program configures ``logging``)."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _log(self, level: int, event: str, kw: dict[str, Any], exc_info: bool = False) -> None:
+        if structlog.is_configured():
+            method = logging.getLevelName(level).lower()
+            bound = structlog.get_logger(self._name)
+            if exc_info:
+                bound.exception(event, **kw)
+            else:
+                getattr(bound, method)(event, **kw)
+            return
+        std = logging.getLogger(self._name)
+        if std.isEnabledFor(level):
+            fields = " ".join(f"{k}={v!r}" for k, v in kw.items())
+            std.log(level, "%s %s", event, fields, exc_info=exc_info)
+
+    def debug(self, event: str, **kw: Any) -> None:
+        self._log(logging.DEBUG, event, kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._log(logging.INFO, event, kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._log(logging.WARNING, event, kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._log(logging.ERROR, event, kw)
+
+    def exception(self, event: str, **kw: Any) -> None:
+        self._log(logging.ERROR, event, kw, exc_info=True)
+
+
 def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+    """The package's logger for ``name`` (see :class:`_Logger`)."""
+    return _Logger(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import signal
 import time
@@ -18,23 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity, load_or_create_identity
+from dhtnode.daemon import sdnotify
 from dhtnode.daemon.config import Config
-from dhtnode.daemon.control import ControlServer
+from dhtnode.daemon.control import ControlServer, check_socket_path
+from dhtnode.daemon.logging import get_logger
 from dhtnode.daemon.state import (
     IDENTITY_FILE,
     ensure_state_dir,
+    load_announced,
     load_node_cache,
+    save_announced,
     save_node_cache,
     service_key_path,
 )
 from dhtnode.dht.ids import parse_topic
 from dhtnode.dht.node import DhtNode, DhtParams, LookupResult
-from dhtnode.dht.op import OperationError
+from dhtnode.dht.op import NoAnswer, Op, OperationError
 from dhtnode.dht.records import Record
+from dhtnode.dht.store import PREFIX_BUDGET_FACTOR
 from dhtnode.errors import DhtnodeError
 from dhtnode.nat.punch import PUNCH_DEADLINE
 from dhtnode.transport.connections import Connection, Connections, Server
@@ -47,7 +51,7 @@ CACHE_SAVE_INTERVAL = 60.0
 #: Seconds a clean shutdown waits for withdrawals to be acknowledged.
 SHUTDOWN_GRACE = 3.0
 
-log = structlog.get_logger("dhtnode")
+log = get_logger("dhtnode")
 
 
 def params_from_config(cfg: Config) -> DhtParams:
@@ -93,13 +97,26 @@ def record_to_json(topic: bytes, rec: Record) -> dict[str, Any]:
     }
 
 
+#: Engine events nobody can act on: debug level (a user asked for --log-level debug).
+DEBUG_EVENTS = frozenset({"probe_inconclusive", "quic_connected"})
+
+
 def _log_event(name: str, fields: dict[str, Any]) -> None:
-    log.info(name, **fields)
+    if name in DEBUG_EVENTS:
+        log.debug(name, **fields)
+    else:
+        log.info(name, **fields)
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, reload: Callable[[], Config] | None = None) -> None:
+        """``reload``: reads the configuration again (the file and the command line) on
+        SIGHUP; None: SIGHUP only logs that there is nothing to reload from."""
         self.cfg = cfg
+        self._reload = reload
+        self._config_seeds: list[Address] = []
+        self._reloads: set[asyncio.Task[Any]] = set()
+        self.metrics: Any = None
         self.endpoint: NodeEndpoint | None = None
         self.connections: Connections | None = None
         self._forwarding: list[Any] = []
@@ -116,6 +133,7 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.cfg
+        check_socket_path(cfg.control_socket_path)  # before anything is created
         state_dir = ensure_state_dir(cfg.node.state_dir)
         self.identity, created = load_or_create_identity(state_dir / IDENTITY_FILE)
         if created:
@@ -141,7 +159,18 @@ class Daemon:
         services = plug_in(node, relay=cfg.relay.enabled, relay_limits=cfg.relay.limits())
         self.endpoint = await NodeEndpoint.create_on(sock, node, on_event=_log_event)
         self.connections = Connections(self.endpoint, services, on_event=_log_event)
-        self.control = ControlServer(cfg.control_socket_path, self._handle_control)
+        self._config_seeds = list(seeds)
+        if cfg.metrics.listen:
+            from dhtnode.daemon.metrics import MetricsServer  # prometheus_client: only if on
+
+            self.metrics = MetricsServer(cfg.metrics.listen, self.endpoint,
+                                         self._metrics_status, self.started_at)
+            await self.metrics.start()
+            host, port = self.metrics.address
+            shown = f"[{host}]" if ":" in host else host
+            log.info("metrics_started", url=f"http://{shown}:{port}/metrics")
+        self.control = ControlServer(cfg.control_socket_path, self._handle_control,
+                                     group=cfg.control.group)
         await self.control.start()
         log.info(
             "node_started",
@@ -150,13 +179,30 @@ class Daemon:
             state_dir=str(state_dir),
             bootstrap=[wire_address.format_addr(a) for a in seeds],
             cached_nodes=len(cached),
-            bootstrap_node=public is not None,
+            bootstrap_node=cfg.node.bootstrap_node,
+            public_address=wire_address.format_addr(public) if public else None,
             control_socket=str(cfg.control_socket_path),
         )
+        if cfg.node.bootstrap_node and public is None:
+            log.warning(
+                "bootstrap_node_without_public_address",
+                hint="bound to a wildcard address and no --public-host (node.public_host): "
+                "the node serves only once another node tells it its address. Give "
+                "--public-host YOUR.PUBLIC.IP so it serves at once",
+            )
+        if cfg.node.public_host and not cfg.node.bootstrap_node:
+            log.warning(
+                "public_host_ignored",
+                hint="--public-host (node.public_host) is used only with --bootstrap-node; "
+                "other nodes learn their address from the network",
+            )
         if not seeds and not cached:
+            join_host = public[0] if public else "<this host's IP>"
+            if public and ":" in join_host:
+                join_host = f"[{join_host}]"
             log.info(
                 "first_node_of_network",
-                hint=f"others join with: dhtnode run --bootstrap <this host's IP>:{local[1]}",
+                hint=f"others join with: dhtnode run --bootstrap {join_host}:{local[1]}",
             )
         self._tasks.append(asyncio.create_task(self._join()))
         self._tasks.append(asyncio.create_task(self._save_cache_periodically()))
@@ -165,7 +211,35 @@ class Daemon:
         assert self.endpoint is not None
         size = await self.endpoint.run(lambda n: n.bootstrap())
         log.info("bootstrap_done", routing_table_size=size)
+        if size == 0 and self.node.queries.seeds:
+            log.warning(
+                "bootstrap_unanswered",
+                seeds=[wire_address.format_addr(a) for a in self.node.queries.seeds[:8]],
+                hint="no bootstrap node answered: check each --bootstrap HOST:PORT, that the "
+                "node there runs, and that UDP to it is not blocked",
+            )
+        await self._restore_announcements()
         await self._start_forwarding()
+
+    async def _restore_announcements(self) -> None:
+        """Announce again what was announced through the daemon before a restart."""
+        assert self.endpoint is not None
+        topics = load_announced(self.cfg.node.state_dir)
+        def announcing(topic: bytes) -> Callable[[DhtNode], Op[int]]:
+            return lambda n: n.announce(topic)
+
+        for topic in topics:
+            try:
+                stored = await self.endpoint.run(announcing(topic))
+            except DhtnodeError as exc:
+                stored = 0
+                log.warning("announce_restore_failed", topic=topic.hex(), error=str(exc),
+                            hint="kept: it is announced again on the next refresh")
+            log.info("announcement_restored", topic=topic.hex(), stored_on=stored)
+
+    def _save_announced(self) -> None:
+        with contextlib.suppress(DhtnodeError, OSError):
+            save_announced(self.cfg.node.state_dir, self.node.announced_topics)
 
     async def _start_forwarding(self) -> None:
         """The ``[[expose]]`` and ``[[forward]]`` entries of the config. A failure is logged
@@ -222,17 +296,109 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _metrics_status(self) -> dict[str, Any]:
+        return self.node.status()
+
     async def run_forever(self) -> None:
+        """Until SIGTERM or SIGINT (a clean stop); SIGHUP reloads the configuration. Tells
+        systemd (``Type=notify``) READY, STOPPING and, if it asks, WATCHDOG."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        sdnotify.ready("serving the DHT on "
+                       + (wire_address.format_addr(self.endpoint.local_address)
+                          if self.endpoint is not None else "?"))
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
         await self._stop.wait()
+        sdnotify.stopping()
         log.info("shutdown_started")
         await self.stop()
         log.info("shutdown_done")
 
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sdnotify.watchdog()
+            await asyncio.sleep(interval)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> list[str]:
+        """Apply a re-read configuration: log level, bootstrap list and record limits take
+        effect at once; every other changed setting is logged as needing a restart. Returns
+        the settings applied. A bad config file is logged and changes nothing."""
+        if self._reload is None:
+            log.warning("reload_skipped", reason="no configuration source to reload from")
+            return []
+        sdnotify.reloading()
+        try:
+            new = self._reload()
+        except DhtnodeError as exc:
+            log.error("reload_failed", error=str(exc), hint="the running configuration is kept")
+            sdnotify.ready()
+            return []
+        old = self.cfg
+        applied: list[str] = []
+        if new.log.level != old.log.level:
+            from dhtnode.daemon.logging import configure_logging
+
+            configure_logging(new.log.level, old.log.format)
+            applied.append("log.level")
+        if new.node.bootstrap != old.node.bootstrap:
+            seeds = await resolve(new.node.bootstrap)
+            if self.endpoint is not None:
+                q = self.node.queries
+                learned = [a for a in q.seeds if a not in self._config_seeds]
+                q.seeds = list(dict.fromkeys(seeds + learned))
+                self._config_seeds = seeds
+                if len(self.node.table) == 0 and seeds:
+                    self._tasks.append(asyncio.create_task(self._join_again()))
+            applied.append("node.bootstrap")
+        if new.records != old.records and self.endpoint is not None:
+            r = new.records
+            node = self.node
+            store = node.store
+            store.max_total = r.max_total
+            store.max_per_topic = r.max_per_topic
+            store.max_per_ip = r.max_per_ip
+            store.max_per_prefix = r.max_per_ip * PREFIX_BUDGET_FACTOR
+            node.params = node.ctx.params = dataclasses.replace(
+                node.params, max_records=r.max_total, max_records_per_topic=r.max_per_topic,
+                max_records_per_ip=r.max_per_ip)
+            applied += [f"records.{k}" for k in ("max_total", "max_per_topic", "max_per_ip")
+                        if getattr(r, k) != getattr(old.records, k)]
+        kept = _changed_settings(old, new) - set(applied) - {"log.format"}
+        applied_cfg = dataclasses.replace(
+            old, log=dataclasses.replace(old.log, level=new.log.level),
+            node=dataclasses.replace(old.node, bootstrap=new.node.bootstrap),
+            records=dataclasses.replace(new.records, ttl=old.records.ttl))
+        self.cfg = applied_cfg
+        log.info("reloaded", applied=sorted(applied) or None,
+                 log_level=new.log.level,
+                 bootstrap=[f"{h}:{p}" for h, p in new.node.bootstrap])
+        if kept or new.log.format != old.log.format:
+            log.warning("reload_needs_restart",
+                        settings=sorted(kept | ({"log.format"} if new.log.format != old.log.format
+                                                else set())),
+                        hint="these settings changed but take effect only after a restart")
+        sdnotify.ready()
+        return applied
+
+    async def _join_again(self) -> None:
+        assert self.endpoint is not None
+        size = await self.endpoint.run(lambda n: n.bootstrap())
+        log.info("bootstrap_done", routing_table_size=size, after="reload")
+
     async def stop(self) -> None:
+        for t in list(self._reloads):
+            t.cancel()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -254,6 +420,8 @@ class Daemon:
             if self.connections is not None:
                 await self.connections.close()
             self.endpoint.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.control is not None:
             await self.control.close()
 
@@ -265,27 +433,73 @@ class Daemon:
             st["public_key"] = self.identity.public_key.hex()
             st["bind_address"] = wire_address.format_addr(self.endpoint.local_address)
             st["uptime"] = round(time.time() - self.started_at, 1)
+            st["warnings"] = []
+            if st["routing_table_size"] == 0:
+                st["warnings"].append(
+                    "the routing table is empty: no DHT node has answered. Check --bootstrap "
+                    "(node.bootstrap) and that UDP reaches it; see the bootstrap_unanswered log"
+                    if self.node.queries.seeds else
+                    "the routing table is empty: this is the first node; others join with "
+                    "--bootstrap pointing here"
+                )
             return st
         if cmd in ("announce", "unannounce", "lookup"):
             try:
                 topic = parse_topic(str(req.get("topic", "")))
             except ValueError as exc:
                 raise DhtnodeError(f"topic: {exc}") from None
+            key = self.identity.public_key.hex()
             if cmd == "announce":
                 n = await self.endpoint.run(lambda node: node.announce(topic))
-                return {"topic": topic.hex(), "stored_on": n}
+                self._save_announced()
+                pub = self.node.ctx.standing.public
+                return {"topic": topic.hex(), "stored_on": n, "public_key": key,
+                        "public_address": wire_address.format_addr(pub) if pub else None}
             if cmd == "unannounce":
+                if topic not in self.node.announced_topics:
+                    return {"topic": topic.hex(), "withdrawn_from": 0, "public_key": key,
+                            "was_announced": False}
                 n = await self.endpoint.run(lambda node: node.unannounce(topic))
-                return {"topic": topic.hex(), "withdrawn_from": n}
+                self._save_announced()
+                return {"topic": topic.hex(), "withdrawn_from": n, "public_key": key,
+                        "was_announced": True}
             res: LookupResult = await self.endpoint.run(lambda node: node.lookup(topic))
-            return {"records": [record_to_json(topic, r) for r in res.records]}
+            return {"records": [record_to_json(topic, r) for r in res.records],
+                    "responses": res.responses}
         if cmd == "nodes":
-            return {"nodes": [wire_address.format_addr(c.addr) for c in self.node.table]}
+            now = self.node.ctx.now
+            contacts = sorted(self.node.table, key=lambda c: c.id)
+            return {
+                "nodes": [wire_address.format_addr(c.addr) for c in contacts],
+                # `dhtnode peers`: see PEER_KEYS in cli/main.py.
+                "peers": [
+                    {"node_id": c.id.hex(), "address": wire_address.format_addr(c.addr),
+                     "last_seen_s": round(max(0.0, now - c.last_seen), 1),
+                     "rtt_ms": round(c.rtt * 1000, 2) if c.rtt is not None else None,
+                     "failures": c.failures}
+                    for c in contacts
+                ],
+            }
         if cmd == "ping_key":
             assert self.connections is not None
             return await ping_key(self.connections, str(req.get("public_key", "")))
         raise DhtnodeError(f"unknown control command {cmd!r}; known: status, announce, "
                            "unannounce, lookup, nodes, ping_key")
+
+
+def _changed_settings(old: Config, new: Config) -> set[str]:
+    """``table.key`` of every setting that differs (arrays of tables by their table name)."""
+    out: set[str] = set()
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if dataclasses.is_dataclass(a):
+            out |= {f"{f.name}.{g.name}" for g in dataclasses.fields(a)
+                    if getattr(a, g.name) != getattr(b, g.name)}
+        else:
+            out.add(f.name)
+    return out
 
 
 @dataclass
@@ -348,7 +562,15 @@ async def client_node(
     ep = await NodeEndpoint.create_on(open_udp_socket(host, port), node, on_event=_log_event)
     conns = Connections(ep, services, on_event=_log_event)
     try:
-        await ep.run(lambda n: n.bootstrap())
+        if await ep.run(lambda n: n.bootstrap()) == 0:
+            shown = ", ".join(wire_address.format_addr(a) for a in bootstrap[:4])
+            more = f" and {len(bootstrap) - 4} more" if len(bootstrap) > 4 else ""
+            log.warning("bootstrap_unanswered", seeds=[wire_address.format_addr(a)
+                                                       for a in bootstrap[:8]])
+            raise NoAnswer(
+                f"nothing answered: no bootstrap node replied ({shown}{more}). Check the "
+                "HOST:PORT, that a node runs there, and that UDP to it is not blocked"
+            )
         yield ClientNode(ep, ident, conns)
     finally:
         await conns.close()

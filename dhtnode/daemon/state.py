@@ -5,6 +5,7 @@ Layout::
     <state dir>/            mode 0700
         identity.key        Ed25519 seed (see dhtnode.crypto.identity), mode 0600
         nodes.json          {"version": 1, "saved_at": <unix s>, "nodes": ["ip:port", ...]}
+        topics.json         {"version": 1, "topics": ["<64 hex>", ...]}: announced via the daemon
         control.sock        the daemon's control socket, mode 0600
 
 The node cache is a hint, not a truth: a corrupt one is moved aside to nodes.json.corrupt
@@ -89,6 +90,41 @@ def save_node_cache(state_dir: Path, nodes: list[Address], *, now: float) -> Non
         "nodes": [format_addr(a) for a in list(dict.fromkeys(nodes))[:MAX_CACHED_NODES]],
     }
     write_atomic(Path(state_dir) / NODES_FILE, json.dumps(doc, indent=1).encode(), mode=0o600)
+
+
+#: Topics the daemon announces (through ``announce --via-daemon``), so a restart announces
+#: them again: {"version": 1, "topics": ["<64 hex>", ...]}.
+TOPICS_FILE = "topics.json"
+
+
+def save_announced(state_dir: Path, topics: list[bytes]) -> None:
+    doc = {"version": NODES_FORMAT_VERSION, "topics": [t.hex() for t in topics]}
+    write_atomic(Path(state_dir) / TOPICS_FILE, json.dumps(doc, indent=1).encode(), mode=0o600)
+
+
+def load_announced(state_dir: Path) -> list[bytes]:
+    """The saved topics; a missing or unreadable file is none (a corrupt one is moved aside
+    to topics.json.corrupt, as the node cache is)."""
+    path = Path(state_dir).expanduser() / TOPICS_FILE
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return []
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("version") != NODES_FORMAT_VERSION:
+            raise ValueError("unknown format")
+        topics = [bytes.fromhex(str(t)) for t in doc["topics"]]
+        if any(len(t) != 32 for t in topics):
+            raise ValueError("a topic is not 32 bytes")
+        return topics
+    except (ValueError, KeyError, TypeError):
+        try:
+            os.replace(path, path.with_name(TOPICS_FILE + ".corrupt"))
+        except OSError as exc:
+            raise StateError(f"corrupt topics file {path} could not be moved aside: {exc}"
+                             ) from None
+        return []
 
 
 def load_node_cache(state_dir: Path) -> list[Address]:

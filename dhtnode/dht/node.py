@@ -26,6 +26,7 @@ from typing import Any
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.context import NodeContext, OsSecrets
+from dhtnode.dht.counters import with_zeros
 from dhtnode.dht.ids import ID_LEN, node_id_for
 from dhtnode.dht.lookup import Lookup
 from dhtnode.dht.maintenance import Maintenance
@@ -323,7 +324,10 @@ class DhtNode:
         out: dict[str, Any] = {
             "node_id": self.node_id.hex() if self.node_id else None,
             "public_address": wire_address.format_addr(st.public) if st.public else None,
-            "nat_class": ctx.observer.nat_class.value,
+            # A bootstrap node's address is fixed and public: no NAT changes its port (what
+            # it tells peers too, connect/listen.py), not "unknown" forever.
+            "nat_class": (NatClass.CONSISTENT.value if st.fixed_public
+                          else ctx.observer.nat_class.value),
             "public_addresses": [
                 wire_address.format_addr(a)
                 for a in ((st.public,) if st.fixed_public else ctx.observer.public_addresses)
@@ -336,7 +340,7 @@ class DhtNode:
             "topics_stored": self.store.topic_count,
             "announced_topics": [t.hex() for t in self.topics.announced_topics],
             "requests_in_flight": len(self.rpc),
-            "stats": dict(ctx.stats),
+            "stats": with_zeros(ctx.stats),
         }
         for service in self._services:
             out.update(service.status())

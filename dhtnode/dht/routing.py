@@ -50,6 +50,8 @@ class Contact:
     prefix: str = ""
     #: The same as a pair, None for loopback (what ``diversity.pick_diverse`` reads).
     groups: tuple[str, str] | None = None
+    #: Seconds the last answer to our request took; None before the first one.
+    rtt: float | None = None
 
 
 class RoutingTable:

@@ -80,6 +80,9 @@ class _Pending:
     timeout: float
     timer: Timer | None = None
     slow_timer: Timer | None = None
+    command: m.Command = m.Command.PING
+    #: ``ctx.now`` when first sent (latency includes retransmissions).
+    sent_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -104,6 +107,8 @@ class Rpc:
         self.policy: Callable[[Address], bool] = lambda a: True
         #: A request to this address timed out for good (the routing table forgets it).
         self.on_failure: Callable[[Address], None] = lambda a: None
+        #: Seconds from a request's first send to its matched answer (metrics); None: off.
+        self.on_rtt: Callable[[m.Command, float], None] | None = None
         #: Peers that answered our requests: their token for us, and when they last answered.
         self._peers: OrderedDict[Address, _Peer] = OrderedDict()
         #: The last request whose proof was checked, and the verdict: taps and the handler
@@ -172,7 +177,8 @@ class Rpc:
                 req = replace(req, pad=max(1, short - 2))
         data = m.encode_request(req)
         wait = timeout if timeout is not None else ctx.params.request_timeout
-        p = _Pending(tid, addr, data, retries, on_done, wait)
+        p = _Pending(tid, addr, data, retries, on_done, wait, command=command,
+                     sent_at=ctx.now)
         self._pending[tid] = p
         ctx.send(data, addr)
         p.timer = ctx.call_later(wait, lambda: self._on_timeout(tid))
@@ -324,6 +330,12 @@ class Rpc:
         if p.slow_timer is not None:
             p.slow_timer.cancel()
         self._ctx.stats["rx_response"] += 1
+        rtt = self._ctx.now - p.sent_at
+        if self.on_rtt is not None:
+            self.on_rtt(p.command, rtt)
+        known = self._ctx.table.get(source)
+        if known is not None:
+            known.rtt = rtt  # what `dhtnode peers` shows
         self._note_peer(source, resp.token)
         self.on_response(source, resp)
         p.on_done(resp)

@@ -20,6 +20,8 @@ from dhtnode.wire.address import Address, format_addr, normalize
 class StunTimeout(DhtnodeError):
     """No STUN answer arrived."""
 
+    code = "no_network"
+
 
 class _Receiver(asyncio.DatagramProtocol):
     def __init__(self, tid: bytes, server: Address) -> None:

@@ -28,8 +28,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, cast
 
-import structlog
-
+from dhtnode.daemon.logging import get_logger
 from dhtnode.errors import DhtnodeError
 from dhtnode.wire.address import Address, format_addr, normalize
 
@@ -51,7 +50,7 @@ DatagramCallback = Callable[[int, bytes, Address], None]
 KeptCallback = Callable[[bytes, Address], None]
 """``on_datagram(data, source)`` of a kept socket."""
 
-log = structlog.get_logger("dhtnode.transport.sockets")
+log = get_logger("dhtnode.transport.sockets")
 
 
 class SocketPoolError(DhtnodeError):

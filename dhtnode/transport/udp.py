@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-import structlog
-
+from dhtnode.daemon.logging import get_logger
 from dhtnode.dht.node import DhtNode
 from dhtnode.dht.op import Op
 from dhtnode.errors import DhtnodeError
@@ -31,7 +31,7 @@ T = TypeVar("T")
 #: Kernel buffer sizes asked for; a busy node must not lose bursts of replies.
 SOCKET_BUFFER = 1 << 20
 
-log = structlog.get_logger("dhtnode.transport")
+log = get_logger("dhtnode.transport")
 
 
 class BindError(DhtnodeError):
@@ -65,10 +65,18 @@ def open_udp_socket(host: str, port: int) -> socket.socket:
             last = exc
             if sock is not None:
                 sock.close()
-    raise BindError(
-        f"cannot bind UDP {host or '::'}:{port}: {last}. Choose another --port, or check that "
-        "no other dhtnode is running with the same port"
-    )
+    where = f"UDP {host or '::'}:{port}"
+    if last is not None and last.errno == errno.EADDRINUSE:
+        fix = ("the port is in use: choose another --port, or check that no other dhtnode is "
+               "running with the same port")
+    elif last is not None and last.errno == errno.EACCES:
+        fix = "permission denied: ports below 1024 need privileges; choose a --port above 1023"
+    elif last is not None and last.errno == errno.EADDRNOTAVAIL:
+        fix = ("that is not an address of this host: give --host one of this host's own "
+               "addresses (see `ip addr`), or 0.0.0.0 / :: for all of them")
+    else:
+        fix = "check --host and --port"
+    raise BindError(f"cannot bind {where}: {last.strerror if last else 'failed'}; {fix}")
 
 
 class NodeEndpoint(asyncio.DatagramProtocol):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import struct
 
 from dhtnode.errors import DecodeError
@@ -151,7 +152,21 @@ def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str,
         raise ValueError(f"{text!r}: port {port} is outside 1-65535")
     if not host:
         raise ValueError(f"{text!r}: empty host; expected HOST:PORT")
+    if ":" not in host and _NUMERIC_LAST_LABEL.search(host):
+        # No DNS name ends in a number: this is meant as an IPv4 address. Parse it strictly,
+        # or the resolver's legacy inet_aton rules turn "1.2.3" into 1.2.0.3.
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: {host!r} is not an IPv4 address (four numbers 0-255 separated by "
+                "dots, e.g. 203.0.113.7)"
+            ) from None
     return host, port
+
+
+#: A host whose last dot-separated label is a (decimal or hex) number.
+_NUMERIC_LAST_LABEL = re.compile(r"(?:^|\.)(?:[0-9]+|0[xX][0-9a-fA-F]*)\.?$")
 
 
 def format_addr(addr: Address) -> str:
