@@ -1,5 +1,5 @@
-"""Running a node: the long-lived daemon (``dhtnode run``) and short-lived client nodes
-(``dhtnode announce`` / ``lookup``).
+"""Running the long-lived daemon (``dhtnode run``). Short-lived client nodes live in
+``client.py``, what both share in ``wiring.py`` (re-exported here for callers).
 
 Owns wiring and life cycle: state dir, identity, node cache, socket, control socket, signal
 handling, periodic cache saves, and a clean shutdown (withdraw announcements, save the cache).
@@ -11,20 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import random
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity, load_or_create_identity
 from dhtnode.daemon import sdnotify
+from dhtnode.daemon.client import ClientNode, client_node, ping_key
 from dhtnode.daemon.config import Config
 from dhtnode.daemon.control import ControlServer, check_socket_path
-from dhtnode.daemon.logging import get_logger
 from dhtnode.daemon.state import (
     IDENTITY_FILE,
     ensure_state_dir,
@@ -34,78 +31,40 @@ from dhtnode.daemon.state import (
     save_node_cache,
     service_key_path,
 )
+from dhtnode.daemon.wiring import (
+    identity_path,
+    log,
+    log_event,
+    params_from_config,
+    record_to_json,
+    resolve,
+)
 from dhtnode.dht.ids import parse_topic
-from dhtnode.dht.node import DhtNode, DhtParams, LookupResult
-from dhtnode.dht.op import NoAnswer, Op, OperationError
-from dhtnode.dht.records import Record
+from dhtnode.dht.node import DhtNode, LookupResult
+from dhtnode.dht.op import Op, OperationError
 from dhtnode.dht.store import PREFIX_BUDGET_FACTOR
 from dhtnode.errors import DhtnodeError
-from dhtnode.nat.punch import PUNCH_DEADLINE
-from dhtnode.transport.connections import Connection, Connections, Server
+from dhtnode.transport.connections import Connections
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
+
+__all__ = [
+    "ClientNode",
+    "Daemon",
+    "client_node",
+    "identity_path",
+    "params_from_config",
+    "ping_key",
+    "record_to_json",
+    "resolve",
+]
 
 #: Seconds between node cache saves while running.
 CACHE_SAVE_INTERVAL = 60.0
 #: Seconds a clean shutdown waits for withdrawals to be acknowledged.
 SHUTDOWN_GRACE = 3.0
 
-log = get_logger("dhtnode")
-
-
-def params_from_config(cfg: Config) -> DhtParams:
-    return DhtParams(
-        k=cfg.dht.k,
-        alpha=cfg.dht.alpha,
-        request_timeout=cfg.dht.request_timeout,
-        slow_after=min(0.25, cfg.dht.request_timeout / 2),
-        bucket_refresh=cfg.dht.bucket_refresh,
-        record_ttl=cfg.records.ttl,
-        max_records=cfg.records.max_total,
-        max_records_per_topic=cfg.records.max_per_topic,
-        max_records_per_ip=cfg.records.max_per_ip,
-    )
-
-
-async def resolve(hosts: list[tuple[str, int]] | tuple[tuple[str, int], ...]) -> list[Address]:
-    """Resolve names in a bootstrap list; unresolvable entries are logged and skipped."""
-    loop = asyncio.get_running_loop()
-    out: list[Address] = []
-    for host, port in hosts:
-        try:
-            infos = await loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
-        except OSError as exc:
-            log.warning("bootstrap_unresolvable", host=host, port=port, error=str(exc))
-            continue
-        for info in infos:
-            addr = wire_address.normalize(info[4])
-            if addr not in out:
-                out.append(addr)
-    return out
-
-
-def record_to_json(topic: bytes, rec: Record) -> dict[str, Any]:
-    return {
-        "topic": topic.hex(),
-        "public_key": rec.public_key.hex(),
-        "seq": rec.seq,
-        "addresses": [
-            {"kind": kind.name.lower(), "address": wire_address.format_addr(a)}
-            for kind, a in rec.addresses
-        ],
-    }
-
-
-#: Engine events nobody can act on: debug level (a user asked for --log-level debug).
-DEBUG_EVENTS = frozenset({"probe_inconclusive", "quic_connected"})
-
-
-def _log_event(name: str, fields: dict[str, Any]) -> None:
-    if name in DEBUG_EVENTS:
-        log.debug(name, **fields)
-    else:
-        log.info(name, **fields)
 
 
 class Daemon:
@@ -157,8 +116,8 @@ class Daemon:
             seeds=seeds + [a for a in cached if a not in seeds],
         )
         services = plug_in(node, relay=cfg.relay.enabled, relay_limits=cfg.relay.limits())
-        self.endpoint = await NodeEndpoint.create_on(sock, node, on_event=_log_event)
-        self.connections = Connections(self.endpoint, services, on_event=_log_event)
+        self.endpoint = await NodeEndpoint.create_on(sock, node, on_event=log_event)
+        self.connections = Connections(self.endpoint, services, on_event=log_event)
         self._config_seeds = list(seeds)
         if cfg.metrics.listen:
             from dhtnode.daemon.metrics import MetricsServer  # prometheus_client: only if on
@@ -255,14 +214,14 @@ class Daemon:
             allowed = set(e.allow)
             exposer = Exposer(self.connections, ident, e.target,
                               allow=None if e.public else allowed.__contains__,
-                              on_event=_log_event)
+                              on_event=log_event)
             self._forwarding.append(exposer)
             self._tasks.append(asyncio.create_task(self._keep_trying(
                 exposer.start, "expose", target=f"{e.target[0]}:{e.target[1]}",
                 public_key=ident.public_key.hex())))
         for f in cfg.forward:
             fwd = Forwarder(self.connections, f.public_key, f.listen, identity=self.identity,
-                            on_event=_log_event)
+                            on_event=log_event)
             self._forwarding.append(fwd)
             self._tasks.append(asyncio.create_task(self._keep_trying(
                 fwd.start, "forward", listen=f"{f.listen[0]}:{f.listen[1]}",
@@ -500,130 +459,3 @@ def _changed_settings(old: Config, new: Config) -> set[str]:
         else:
             out.add(f.name)
     return out
-
-
-@dataclass
-class ClientNode:
-    endpoint: NodeEndpoint
-    identity: Identity
-    connections: Connections
-
-    async def listen(
-        self,
-        identity: Identity,
-        on_connection: Callable[[Connection], None],
-        *,
-        allow: Callable[[bytes], bool] | None = None,
-    ) -> Server:
-        """Serve ``identity``'s public key (see :meth:`Connections.listen`)."""
-        return await self.connections.listen(identity, on_connection, allow=allow)
-
-    async def connect(self, public_key: bytes, *, identity: Identity | None = None) -> Connection:
-        """Connect to the listener of ``public_key`` (see :meth:`Connections.connect`)."""
-        return await self.connections.connect(public_key, identity=identity or self.identity)
-
-    @property
-    def node(self) -> DhtNode:
-        return self.endpoint.node
-
-
-@contextlib.asynccontextmanager
-async def client_node(
-    cfg: Config,
-    *,
-    identity: Identity | None = None,
-    bootstrap: list[Address] | None = None,
-    port: int = 0,
-) -> AsyncIterator[ClientNode]:
-    """A short-lived node for one-shot commands: never serves, joins through ``bootstrap``
-    (or the configured list, or the daemon's node cache), and is closed on exit."""
-    if bootstrap is None:
-        bootstrap = await resolve(cfg.node.bootstrap)
-    if not bootstrap:
-        with contextlib.suppress(DhtnodeError):
-            bootstrap = load_node_cache(cfg.node.state_dir)
-    if not bootstrap:
-        raise DhtnodeError(
-            "no bootstrap node: pass --bootstrap HOST:PORT (repeatable), set node.bootstrap in "
-            "the config, or run a daemon first so its node cache can be used"
-        )
-    ident = identity or Identity.generate()
-    node = DhtNode(
-        ident,
-        params_from_config(cfg),
-        now=time.monotonic(),
-        wall=time.time,
-        rng=random.Random(),
-        seeds=bootstrap,
-        ephemeral=True,
-    )
-    host = "0.0.0.0" if cfg.node.host in ("", "0.0.0.0") else cfg.node.host
-    services = plug_in(node)
-    ep = await NodeEndpoint.create_on(open_udp_socket(host, port), node, on_event=_log_event)
-    conns = Connections(ep, services, on_event=_log_event)
-    try:
-        if await ep.run(lambda n: n.bootstrap()) == 0:
-            shown = ", ".join(wire_address.format_addr(a) for a in bootstrap[:4])
-            more = f" and {len(bootstrap) - 4} more" if len(bootstrap) > 4 else ""
-            log.warning("bootstrap_unanswered", seeds=[wire_address.format_addr(a)
-                                                       for a in bootstrap[:8]])
-            raise NoAnswer(
-                f"nothing answered: no bootstrap node replied ({shown}{more}). Check the "
-                "HOST:PORT, that a node runs there, and that UDP to it is not blocked"
-            )
-        yield ClientNode(ep, ident, conns)
-    finally:
-        await conns.close()
-        ep.close()
-
-
-#: Messages echoed by a key ping, and their size.
-PING_MESSAGES = 3
-PING_SIZE = 32
-
-
-async def ping_key(conns: Connections, key_hex: str) -> dict[str, Any]:
-    """Connect to the listener of a key, echo a few messages over one stream, close."""
-    try:
-        key = bytes.fromhex(key_hex)
-        if len(key) != 32:
-            raise ValueError
-    except ValueError:
-        raise DhtnodeError(f"public key: expected 64 hex characters, got {key_hex!r}") from None
-    conn = await conns.connect(key)
-    try:
-        reader, writer = await conn.open_stream()
-        rtts = []
-        for i in range(PING_MESSAGES):
-            msg = bytes([i]) * PING_SIZE
-            t0 = time.monotonic()
-            writer.write(msg)
-            await writer.drain()
-            got = await asyncio.wait_for(reader.readexactly(PING_SIZE), 5.0)
-            rtts.append((time.monotonic() - t0) * 1000)
-            if got != msg:
-                raise DhtnodeError("the peer answered with other bytes than sent: not an echo")
-        writer.write_eof()
-        # A connection that started on the relay moves to the direct path once the punch
-        # succeeds: report where it ends up (and where it started).
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(conn.settled.wait(), PUNCH_DEADLINE)
-    except (asyncio.IncompleteReadError, TimeoutError) as exc:
-        raise DhtnodeError(
-            "connected, but the peer does not echo (is it `dhtnode listen --echo`?)"
-        ) from exc
-    finally:
-        await conn.close(wait=False)
-    return {
-        "public_key": key.hex(),
-        "path": conn.path,
-        "first_path": conn.first_path,
-        "strategy": conn.strategy,
-        "connect_ms": round(conn.connect_ms, 2),
-        "rtt_ms": round(min(rtts), 3),
-        "address": wire_address.format_addr(conn.remote_address),
-    }
-
-
-def identity_path(state_dir: Path) -> Path:
-    return state_dir / IDENTITY_FILE
