@@ -79,12 +79,13 @@ def control_path(args: argparse.Namespace) -> Path:
     own = Path(config_from_args(args).control_socket_path)
     if args.state_dir is not None or args.config is not None:
         return own
-    if _answers(own) or not os.path.lexists(SYSTEM_CONTROL_SOCKET):
+    if daemon_answers(own) or not os.path.lexists(SYSTEM_CONTROL_SOCKET):
         return own
     return SYSTEM_CONTROL_SOCKET
 
 
-def _answers(path: Path) -> bool:
+def daemon_answers(path: Path) -> bool:
+    """Does a daemon accept connections on the control socket at ``path``?"""
     import socket
 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

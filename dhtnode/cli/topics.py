@@ -18,6 +18,7 @@ from dhtnode.cli.common import (
     UsageError,
     config_from_args,
     control_path,
+    daemon_answers,
     emit,
     run_async,
     setup_logging,
@@ -46,19 +47,6 @@ def _topic(args: argparse.Namespace) -> bytes:
         raise UsageError(f"TOPIC: {exc}") from None
 
 
-def _daemon_answers(path: Path) -> bool:
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(str(path))
-        return True
-    except (OSError, ValueError):
-        return False
-    finally:
-        s.close()
-
-
 def _use_daemon(args: argparse.Namespace) -> bool:
     """``--via-daemon``; or by default (as ``tailscale`` or ``ipfs`` do) when a daemon answers
     and neither ``--one-shot`` nor ``--bootstrap`` asks for a short-lived node."""
@@ -66,13 +54,13 @@ def _use_daemon(args: argparse.Namespace) -> bool:
         return True
     if args.one_shot or args.bootstrap:
         return False
-    return _daemon_answers(_control_path(args))
+    return daemon_answers(_control_path(args))
 
 
 def _refuse_daemons_key(args: argparse.Namespace, cfg: Any, verb: str) -> None:
     """A one-shot node on the daemon's state dir signs with the daemon's key and a newer
     seq: its record would replace the daemon's live one."""
-    if _daemon_answers(Path(cfg.control_socket_path)):
+    if daemon_answers(Path(cfg.control_socket_path)):
         raise UsageError(
             f"a daemon runs on {cfg.node.state_dir} with the same key: a one-shot {verb} "
             "would replace its live record. Leave out --one-shot/--bootstrap (or give "
