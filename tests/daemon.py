@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.procs import stop
 
 
 @contextlib.contextmanager
@@ -36,9 +37,4 @@ def running_daemon(state: Path, *args: str, start_timeout: float = 15.0) -> Iter
         assert port is not None, log.read_text()
         yield port
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)

@@ -45,11 +45,13 @@ in it, goes with :meth:`Lab.close`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 INTERNET_PREFIX = "203.0.113"
@@ -64,6 +66,23 @@ KINDS = PUBLIC_KINDS + NAT_KINDS
 # The sequential NAT hands out ports SEQ_BASE, SEQ_BASE + 1, ... for each new outbound flow.
 SEQ_BASE = 20000
 SEQ_SIZE = 1000
+
+
+@contextlib.contextmanager
+def running_lab() -> Iterator[Lab]:
+    """A started lab, closed (namespaces deleted) on the way out, also when the test fails;
+    skips the test when the lab cannot run here."""
+    import pytest
+
+    reason = lab_available()
+    if reason:
+        pytest.skip(reason)
+    lab = Lab()
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.close()
 
 
 def lab_available() -> str | None:

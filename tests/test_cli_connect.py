@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import running_daemon
+from tests.procs import stop
 
 pytestmark = pytest.mark.slow
 
@@ -46,12 +46,7 @@ def listening(tmp: Path, boot: str, *extra: str) -> Iterator[str]:
         assert first["ok"] is True and first["listening"] is True
         yield str(first["public_key"])
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
         err.close()
 
 

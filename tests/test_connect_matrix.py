@@ -45,6 +45,7 @@ from dhtnode.daemon import control
 from dhtnode.nat.observer import NatClass
 from dhtnode.nat.strategy import NatProfile, Strategy, choose
 from tests.netlab import KINDS, SEQ_BASE, Lab, LabHost, lab_available
+from tests.procs import stop
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -158,13 +159,7 @@ class Proc:
         return "\n".join(lines[-n:])
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        stop(self.p, timeout=5)
         if self.p.stdout is not None:
             self.p.stdout.close()
         self.log.close()

@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 
 from tests.netlab import Lab, LabHost, lab_available
+from tests.procs import stop
 from tests.test_connect_matrix import ROOT, World, dhtnode
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -106,13 +107,7 @@ class Proc:
         return "\n".join(lines[-n:])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-            try:
-                self.p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        stop(self.p, sig=sig, timeout=5)
         if self.p.stdout is not None:
             self.p.stdout.close()
         self.log.close()

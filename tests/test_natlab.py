@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from dhtnode.daemon import control
-from tests.netlab import Lab, lab_available
+from tests.netlab import Lab, running_lab
+from tests.procs import stop
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -30,15 +31,8 @@ PORT = 49200
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    reason = lab_available()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab()
-    try:
-        lab.start()
+    with running_lab() as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 class Node:
@@ -59,13 +53,7 @@ class Node:
         return asyncio.run(control.request(self.state / "control.sock", cmd, timeout=15, **kw))
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        stop(self.p)
         self.log.close()
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests import natprobe
 from tests.natprobe import APD, EI, SETTLE, NatBehaviour, Observatory, problems, token
-from tests.netlab import KINDS, NAT_KINDS, SEQ_BASE, SEQ_SIZE, Lab, LabHost, lab_available, sh
+from tests.netlab import KINDS, NAT_KINDS, SEQ_BASE, SEQ_SIZE, Lab, LabHost, running_lab, sh
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -31,15 +31,8 @@ ALLOWED_NETS = [ipaddress.ip_network(n) for n in (
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    reason = lab_available()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab()
-    try:
-        lab.start()
+    with running_lab() as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 @pytest.fixture(scope="module")

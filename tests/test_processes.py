@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from dhtnode.daemon import control
+from tests.procs import stop
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +50,7 @@ class Proc:
         raise AssertionError(f"daemon did not start: {self.log.read_text()}")
 
     def stop(self) -> int:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        stop(self.p)
         self._f.close()
         if self.p.stdout:
             self.p.stdout.close()
