@@ -458,7 +458,7 @@ async def start_dht(n: int) -> list[Peer]:
 
 def hold_punches(peer: Peer) -> None:
     """Drop every punch datagram ``peer`` receives: its attempts can never succeed."""
-    peer.conns._punch_datagram = lambda slot, data, source: None  # type: ignore[method-assign]
+    peer.conns.punch.datagram = lambda slot, data, source: None  # type: ignore[method-assign]
 
 
 def relay_stats(peers: list[Peer]) -> Counter[str]:

@@ -89,7 +89,7 @@ async def test_refused_unknown_and_many_in_a_row(net: list[Peer]) -> None:
         assert sizes["connections"] == 0, sizes
         assert p.conns.pool.open_sockets == 0
     await asyncio.sleep(2.5)  # attempts linger briefly for trailing probes, then go
-    assert not client.conns._attempts and not server.conns._attempts
+    assert not client.conns.punch.attempts and not server.conns.punch.attempts
     assert len(os.listdir("/proc/self/fd")) <= fds_before
     assert len(asyncio.all_tasks()) <= tasks_before
 
@@ -97,9 +97,9 @@ async def test_refused_unknown_and_many_in_a_row(net: list[Peer]) -> None:
 async def test_port_searches_toward_one_ip_are_budgeted(net: list[Peer]) -> None:
     """A lying introducer cannot make a node spray thousands of probes at a victim over and
     over: port searches toward one IP are budgeted (then the connection goes relayed)."""
-    from dhtnode.transport.connections import SEARCHES_PER_IP
+    from dhtnode.transport.punching import SEARCHES_PER_IP
 
     conns = net[-1].conns
-    allowed = [conns._search_allowed("198.51.100.9") for _ in range(SEARCHES_PER_IP + 2)]
+    allowed = [conns.punch.search_allowed("198.51.100.9") for _ in range(SEARCHES_PER_IP + 2)]
     assert allowed == [True] * SEARCHES_PER_IP + [False, False]
-    assert conns._search_allowed("198.51.100.10")
+    assert conns.punch.search_allowed("198.51.100.10")

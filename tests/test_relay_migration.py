@@ -28,13 +28,13 @@ async def test_relayed_then_direct_mid_transfer(
     server, client = net[-1], net[-2]
     held_until = [time.monotonic() + 1e9]
     for p in (server, client):
-        orig = p.conns._punch_datagram
+        orig = p.conns.punch.datagram
 
         def gated(slot: int, data: bytes, source: tuple[str, int], orig=orig) -> None:
             if time.monotonic() >= held_until[0]:
                 orig(slot, data, source)
 
-        p.conns._punch_datagram = gated  # type: ignore[method-assign]
+        p.conns.punch.datagram = gated  # type: ignore[method-assign]
     # Watch what every relay forwards.
     forwarded: list[bytes] = []
     for p in net:

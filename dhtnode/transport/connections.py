@@ -2,30 +2,27 @@
 
 :class:`Connections` is the user-facing API of one node: ``await conns.listen(identity,
 on_connection)`` and ``await conns.connect(public_key)``. It carries out what the sans-I/O
-pieces decide: the introduction (``connect/connector.py``, ``connect/listen.py``), the punch
-plan (``nat/punch.py``: which probe leaves which socket, when), the extra sockets a birthday
-search needs (``transport/sockets.py``, one bounded pool), and the QUIC connection
+pieces decide: the introduction (``connect/connector.py``, ``connect/listen.py``), then hands
+the punch to its :class:`~dhtnode.transport.punching.PunchDriver` (``transport/punching.py``:
+the punch plans, their attempts, limits and extra sockets), and starts the QUIC connection
 (``transport/quic.py``) on the path that punched: the node's own socket (so the NAT mapping
 the DHT learned is the one used), or the winning extra socket for a port-randomizing side.
+Behind a port-randomizing NAT it also keeps the port samples an introduction carries fresh
+(a new socket asks known nodes for our mapping after punch attempts moved the NAT on).
 
 When the introducer offered a relay (``transport/relaypath.py``), both sides bind to it at
 once; the client starts QUIC on whichever path is ready first (the punch gets a short grace),
 and a relayed connection moves to the direct path when the punch succeeds later, without the
 application noticing (the QUIC bridge's path layer). Random NATs on both sides stay relayed.
 
-Every punch datagram on the node socket goes out through the engine's one send path
-(``NodeContext.send``), so the sent-to memory sees it. Bounded: attempts per peer IP and in
-all, sockets through the pool; no global throttle, so connects one after another and several
-at once to one server all proceed.
-
-Must not decide strategy, timing or crypto: those live in the pure modules.
+Must not decide strategy, timing or crypto (those live in the pure modules), nor send a
+probe, route a punch datagram or count attempts (the punch driver does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 import time
 from collections import Counter
@@ -40,26 +37,18 @@ from dhtnode.connect.services import ConnectServices
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.node import Receiver, Service
 from dhtnode.dht.op import OperationError
-from dhtnode.nat.observer import NatClass
-from dhtnode.nat.punch import PUNCH_DEADLINE, Punched, PunchFailed, PunchPlan
-from dhtnode.nat.strategy import MIN_STEP_SAMPLES, NatProfile
+from dhtnode.nat.punch import PUNCH_DEADLINE, Punched
+from dhtnode.nat.strategy import MIN_STEP_SAMPLES
+from dhtnode.transport.punching import Attempt, PunchDriver, profile_of
 from dhtnode.transport.quic import PeerConnection, QuicBridge
 from dhtnode.transport.relaypath import RelayPath, RelayPaths
 from dhtnode.transport.resample import stun_ports
-from dhtnode.transport.sockets import KeptSocket, Lease, SocketPool
+from dhtnode.transport.sockets import SocketPool
 from dhtnode.transport.udp import NodeEndpoint
-from dhtnode.wire import punch as wire_punch
 from dhtnode.wire import relay as wire_relay
 from dhtnode.wire.address import Address, format_addr
 from dhtnode.wire.demux import Kind, classify
 
-#: Punch attempts at once with one peer IP (a client retrying, several processes behind one
-#: NAT); more are refused, not queued: each attempt may probe up to 2,048 times.
-MAX_ATTEMPTS_PER_IP = 8
-#: Punch attempts at once in all (lingering finished ones included: they still route).
-MAX_ATTEMPTS = 256
-#: Seconds an attempt stays routable after its result, for the trailing ACKs both sides send.
-ATTEMPT_LINGER = 2.0
 #: Seconds the listener waits for the client's QUIC handshake after an introduction.
 EXPECT_WINDOW = PUNCH_DEADLINE + 10.0
 #: Seconds the client gives QUIC to finish its handshake on the punched path.
@@ -68,15 +57,6 @@ QUIC_HANDSHAKE_TIMEOUT = 5.0
 #: round trips on a LAN or a home connection) gets before a paired relay is used instead:
 #: starting on the relay and moving at once would only churn.
 RELAY_GRACE = 0.3
-#: Punch plans that may send more than this many probes search a peer's ports (birthday,
-#: prediction). Those toward one IP are budgeted: an introducer that lies about a client's
-#: address could otherwise aim thousands of probes at a victim. Above the budget the attempt
-#: does not punch, and the connection goes over the relay.
-SEARCH_SENDS = 100
-#: Port searches toward one IP per :data:`SEARCH_WINDOW` (2,048 probes of 31 bytes each: at
-#: most ~4 KB/s at a victim, while a client retrying a few times still gets direct paths).
-SEARCHES_PER_IP = 4
-SEARCH_WINDOW = 60.0
 #: Seconds a relayed path keeps receiving after the connection moved to the direct path
 #: (the peer moves when its own punch reports, a moment later).
 RELAY_DRAIN = 3.0
@@ -156,44 +136,6 @@ class Server:
         await self._conns.unlisten(self)
 
 
-class _NodePath:
-    """The node's own socket as a QUIC path: sends go through the engine's send path."""
-
-    def __init__(self, endpoint: NodeEndpoint) -> None:
-        self._endpoint = endpoint
-
-    def send(self, data: bytes, addr: Address) -> None:
-        self._endpoint.send(data, addr)
-
-
-class _KeptPath:
-    def __init__(self, kept: KeptSocket) -> None:
-        self.kept = kept
-
-    def send(self, data: bytes, addr: Address) -> None:
-        self.kept.send(data, addr)
-
-
-@dataclass(eq=False)
-class _Attempt:
-    plan: PunchPlan
-    peer_ip: str
-    result: asyncio.Future[Punched | PunchFailed]
-    lease: Lease | None = None
-    kept: dict[int, _KeptPath] = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
-    timer_at: float | None = None
-    ended: bool = False
-    #: Still counted against its peer IP's limit (until it has a result).
-    counted: bool = True
-    #: The relayed path of this attempt, until a connection takes it over (or it is closed).
-    relay: RelayPath | None = None
-
-
-def _profile(info: PeerInfo) -> NatProfile:
-    return NatProfile(NatClass(info.nat_class), info.open, info.port_samples[-16:])
-
-
 class Connections(Service):
     def __init__(
         self,
@@ -209,10 +151,6 @@ class Connections(Service):
         self._on_event = on_event
         self.bridge = QuicBridge(self.node.stats, on_event=on_event)
         self.pool = pool or SocketPool(bind_host="::" if endpoint.is_v6 else "0.0.0.0")
-        self._node_path = _NodePath(endpoint)
-        self._attempts: dict[bytes, _Attempt] = {}
-        self._per_ip: Counter[str] = Counter()
-        self._rng = random.Random()
         self._servers: dict[bytes, Callable[[Connection], None]] = {}
         self.stats: Counter[str] = self.node.stats
         self._tasks: set[asyncio.Task[None]] = set()
@@ -220,8 +158,10 @@ class Connections(Service):
         self._samples_stale = False
         self._resampling: asyncio.Task[None] | None = None
         self.relays = RelayPaths(endpoint, self._on_relayed, self.stats)
-        #: Recent port searches by peer IP (see :data:`SEARCHES_PER_IP`).
-        self._searches: dict[str, list[float]] = {}
+        self.punch = PunchDriver(
+            endpoint, self.bridge, self.pool, self.stats, spawn=self._spawn,
+            on_start=self._punch_started, on_result=self._punch_finished,
+        )
         services.relay.member_sink = self.relays.receive
         self.node.register(self)
 
@@ -248,7 +188,7 @@ class Connections(Service):
                 for c in self.bridge.connections
                 if c.peer_key
             ],
-            "punch_attempts": len(self._attempts),
+            "punch_attempts": len(self.punch.attempts),
             "relayed_paths": len(self.relays),
             "extra_sockets": self.pool.open_sockets,
         }
@@ -258,7 +198,7 @@ class Connections(Service):
             self._on_event(name, fields)
 
     def _on_node_quic(self, data: bytes, source: Address) -> None:
-        self.bridge.datagram_received(data, source, self._node_path)
+        self.bridge.datagram_received(data, source, self.punch.node_path)
 
     def _on_relayed(self, data: bytes, peer: Address, path: RelayPath) -> None:
         if classify(data) is Kind.QUIC:
@@ -267,20 +207,7 @@ class Connections(Service):
             self.stats["drop_relay_payload"] += 1
 
     def _on_node_punch(self, data: bytes, source: Address) -> None:
-        self._punch_datagram(0, data, source)
-
-    def _punch_datagram(self, slot: int, data: bytes, source: Address) -> None:
-        try:
-            aid = wire_punch.attempt_id_of(data)
-        except wire_punch.PunchDecodeError:
-            self.stats["drop_punch_malformed"] += 1
-            return
-        att = self._attempts.get(aid)
-        if att is None:
-            self.stats["drop_punch_unknown"] += 1
-            return
-        att.plan.datagram_received(slot, data, source, time.monotonic())
-        self._pump(att)
+        self.punch.datagram(0, data, source)
 
     # ------------------------------------------------------------------ the API
 
@@ -313,7 +240,7 @@ class Connections(Service):
             if holder:
                 listeners.unlisten(holder[0])
             raise
-        if _profile(self.my_info()).random:
+        if profile_of(self.my_info()).random:
             # After the announcement's flows: the first client then gets our NAT's position.
             with contextlib.suppress(Exception):
                 await self._start_resample()
@@ -350,7 +277,7 @@ class Connections(Service):
         if self._same_public_ip(intro.server_address[0]):
             # Behind one NAT (no hairpin on most routers): the LAN address first.
             peer = [a for a in intro.server_info.lan_addresses if a != peer[0]][:2] + peer
-        att = self._start_attempt(
+        att = self.punch.start(
             initiator=True,
             ours=info,
             theirs=intro.server_info,
@@ -378,23 +305,23 @@ class Connections(Service):
             conn = Connection(quic, "relayed", strategy, (time.monotonic() - started) * 1000)
             self._relay_until_direct(conn, att, first)
         else:
-            path = self._path_for(att, first.slot)
+            path = self.punch.path_for(att, first.slot)
             try:
                 quic = await self.bridge.connect(
                     path, first.addr, identity=ident, server_key=public_key,
                     timeout=QUIC_HANDSHAKE_TIMEOUT,
                 )
             except BaseException:
-                self._release_slot(att, first.slot)
+                self.punch.release_slot(att, first.slot)
                 raise
-            self._close_with(quic, att, first.slot)
+            self.punch.close_with(quic, att, first.slot)
             conn = Connection(quic, "direct", strategy, (time.monotonic() - started) * 1000,
                               first.slot)
         self._emit("connected", public_key=public_key.hex(), address=format_addr(quic.addr),
                    strategy=strategy, path=conn.path, connect_ms=round(conn.connect_ms, 1))
         return conn
 
-    async def _first_path(self, att: _Attempt) -> Punched | RelayPath:
+    async def _first_path(self, att: Attempt) -> Punched | RelayPath:
         """The punched path, or the relay when it is paired first (after a short grace for a
         punch that is usually quick); raises when neither works."""
         relay = att.relay
@@ -433,7 +360,7 @@ class Connections(Service):
         why += "; the relay did not pair us" if offered else "; no relay was offered"
         raise PunchError(f"no path to the peer: {why}")
 
-    def _relay_until_direct(self, conn: Connection, att: _Attempt, relay: RelayPath) -> None:
+    def _relay_until_direct(self, conn: Connection, att: Attempt, relay: RelayPath) -> None:
         """Keep a relayed connection on the relay until the punch succeeds, then move it to
         the direct path (QUIC does not notice: the path layer is under it); close the relayed
         path when the connection ends, or a little after the move."""
@@ -444,8 +371,8 @@ class Connections(Service):
                 if not isinstance(result, Punched):
                     conn.settled.set()  # relayed for good
                 if isinstance(result, Punched) and not conn.quic.closed:
-                    conn.quic.set_path(self._path_for(att, result.slot), result.addr)
-                    self._close_with(conn.quic, att, result.slot)
+                    conn.quic.set_path(self.punch.path_for(att, result.slot), result.addr)
+                    self.punch.close_with(conn.quic, att, result.slot)
                     conn.path, conn.slot = "direct", result.slot
                     conn.settled.set()
                     self.stats["path_upgraded"] += 1
@@ -463,9 +390,7 @@ class Connections(Service):
         self._spawn(watch())
 
     async def close(self) -> None:
-        for att in list(self._attempts.values()):
-            att.plan.cancel()
-            self._end(att)
+        self.punch.close()
         self.bridge.close()
         self.relays.close()
         if self._resampling is not None:
@@ -487,7 +412,7 @@ class Connections(Service):
         on_connection = self._servers.get(ident.public_key)
         if on_connection is None:
             return
-        att = self._start_attempt(
+        att = self.punch.start(
             initiator=False,
             ours=self.my_info(),
             theirs=intro.client_info,
@@ -521,7 +446,7 @@ class Connections(Service):
             else:
                 # The socket the client's QUIC came in on (not necessarily where our punch won).
                 slot = next((n for n, p in att.kept.items() if p is quic.path), 0)
-                self._close_with(quic, att, slot)
+                self.punch.close_with(quic, att, slot)
                 conn = Connection(quic, "direct", strategy, 0.0, slot)
             on_connection(conn)
 
@@ -531,213 +456,18 @@ class Connections(Service):
                 on_connection=accepted,
             )
 
-    # ------------------------------------------------------------------ punching
-
-    def _start_attempt(
-        self,
-        *,
-        initiator: bool,
-        ours: PeerInfo,
-        theirs: PeerInfo,
-        peer: tuple[Address, ...],
-        attempt_id: bytes,
-        punch_key: bytes,
-    ) -> _Attempt | None:
-        ip = peer[-1][0]
-        if (
-            self._per_ip[ip] >= MAX_ATTEMPTS_PER_IP
-            or len(self._attempts) >= MAX_ATTEMPTS
-            or attempt_id in self._attempts
-        ):
-            return None
-        plan = PunchPlan(
-            initiator=initiator,
-            ours=_profile(ours),
-            theirs=_profile(theirs),
-            peer=peer,
-            attempt_id=attempt_id,
-            punch_key=punch_key,
-            now=time.monotonic(),
-            rng=self._rng,
-        )
-        if plan.send_cap > SEARCH_SENDS and not self._search_allowed(ip):
-            plan.cancel()
-            plan.result = PunchFailed(
-                f"too many port searches toward {ip} in the last {SEARCH_WINDOW:g} s"
-            )
-            self.stats["punch_search_throttled"] += 1
-        loop = asyncio.get_running_loop()
-        att = _Attempt(plan, ip, loop.create_future())
-        self._attempts[attempt_id] = att
-        self._per_ip[ip] += 1
-        self.stats["punch_attempts"] += 1
-        self._samples_stale = True
-        wanted = plan.sockets_wanted()
-        if wanted:
-            self._spawn(self._open_sockets(att, wanted))
-        self._pump(att)
-        return att
-
-    def _search_allowed(self, ip: str) -> bool:
-        now = time.monotonic()
-        recent = [t for t in self._searches.get(ip, ()) if now - t < SEARCH_WINDOW]
-        if len(recent) >= SEARCHES_PER_IP:
-            self._searches[ip] = recent
-            return False
-        recent.append(now)
-        self._searches[ip] = recent
-        if len(self._searches) > MAX_ATTEMPTS * 4:  # bounded: forget the quietest IPs
-            for old in [k for k, v in self._searches.items() if now - v[-1] >= SEARCH_WINDOW]:
-                del self._searches[old]
-        return True
-
-    async def _open_sockets(self, att: _Attempt, n: int) -> None:
-        def on_datagram(slot: int, data: bytes, source: Address) -> None:
-            self._slot_datagram(att, slot, data, source)
-
-        try:
-            lease = await self.pool.acquire(n, on_datagram, min_n=1)
-        except Exception:
-            att.plan.sockets_opened(0, time.monotonic())
-            self._pump(att)
-            return
-        if att.ended or att.plan.result is not None:
-            lease.close()  # finished meanwhile: nothing more to spray
-            return
-        att.lease = lease
-        att.plan.sockets_opened(len(lease.slots), time.monotonic())
-        self._pump(att)
-
-    def _slot_datagram(self, att: _Attempt, slot: int, data: bytes, source: Address) -> None:
-        kind = classify(data)
-        if kind is Kind.PUNCH:
-            att.plan.datagram_received(slot, data, source, time.monotonic())
-            self._pump(att)
-        elif kind is Kind.QUIC:
-            self.bridge.datagram_received(data, source, self._path_for(att, slot))
-        else:
-            self.stats["drop_extra_socket"] += 1
-
-    def _path_for(self, att: _Attempt, slot: int) -> _NodePath | _KeptPath:
-        if slot == 0:
-            return self._node_path
-        path = att.kept.get(slot)
-        if path is None:
-            assert att.lease is not None
-            kept = att.lease.keep(slot)
-            path = att.kept[slot] = _KeptPath(kept)
-
-            def on_kept(data: bytes, source: Address, path: _KeptPath = path) -> None:
-                kind = classify(data)
-                if kind is Kind.QUIC:
-                    self.bridge.datagram_received(data, source, path)
-                elif kind is Kind.PUNCH:
-                    self._punch_datagram(slot, data, source)
-
-            kept.on_datagram = on_kept
-        return path
-
-    def _release_slot(self, att: _Attempt, slot: int) -> None:
-        path = att.kept.pop(slot, None)
-        if path is not None:
-            path.kept.close()
-
-    def _close_with(self, quic: PeerConnection, att: _Attempt, slot: int) -> None:
-        """Close the winning extra socket when the connection it carries ends."""
-        path = att.kept.pop(slot, None)
-        if path is None:
-            return
-
-        async def closer() -> None:
-            with contextlib.suppress(Exception):
-                await quic.wait_closed()
-            path.kept.close()
-
-        self._spawn(closer())
-
-    def _pump(self, att: _Attempt) -> None:
-        plan = att.plan
-        for s in plan.sends():
-            if s.slot == 0:
-                self.endpoint.send(s.data, s.addr)
-            elif s.slot in att.kept:
-                # The winning extra socket left the lease: its trailing probes and ACKs.
-                att.kept[s.slot].send(s.data, s.addr)
-            elif att.lease is not None:
-                att.lease.send(s.slot, s.data, s.addr)
-        if plan.result is not None and not att.result.done():
-            att.result.set_result(plan.result)
-            self._uncount(att)
-            if isinstance(plan.result, Punched) and plan.result.slot:
-                self._path_for(att, plan.result.slot)  # keep it before the lease closes
-            if plan.initiator and att.lease is not None:
-                # Our QUIC goes over the winning path only: give the other extra sockets back
-                # now, not after the linger (back-to-back attempts would exhaust the pool). The
-                # listener keeps its own until the client's QUIC arrives: the two sides may
-                # have won on different sockets, and the client's choice is the one used.
-                att.lease.close()
-            self.stats["punch_ok" if isinstance(plan.result, Punched) else "punch_failed"] += 1
-            if _profile(self.my_info()).random:
-                # The next introduction (ours or a client's) should carry fresh samples.
-                self._start_resample()
-        deadline = plan.next_timer()
-        if deadline is None and plan.result is not None:
-            # Done: linger so the peer's trailing probes still get answered, then forget.
-            deadline = time.monotonic() + ATTEMPT_LINGER
-            if att.timer_at is not None and att.timer_at <= deadline:
-                return
-            self._arm(att, deadline, lambda: self._end(att))
-            return
-        if deadline is not None and att.timer_at != deadline:
-            self._arm(att, deadline, lambda: self._on_timer(att))
-
-    def _arm(self, att: _Attempt, deadline: float, fn: Callable[[], None]) -> None:
-        if att.timer is not None:
-            att.timer.cancel()
-        att.timer_at = deadline
-        att.timer = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - time.monotonic()), fn
-        )
-
-    def _on_timer(self, att: _Attempt) -> None:
-        att.timer = None
-        att.timer_at = None
-        if att.ended:
-            return
-        att.plan.handle_timer(time.monotonic())
-        self._pump(att)
-
-    def _uncount(self, att: _Attempt) -> None:
-        """A finished attempt lingers (trailing probes) but no longer counts as running."""
-        if att.counted:
-            att.counted = False
-            self._per_ip[att.peer_ip] -= 1
-            if self._per_ip[att.peer_ip] <= 0:
-                del self._per_ip[att.peer_ip]
-
-    def _end(self, att: _Attempt) -> None:
-        if att.ended:
-            return
-        att.ended = True
-        if att.timer is not None:
-            att.timer.cancel()
-        if not att.result.done():
-            att.result.set_result(PunchFailed("cancelled"))
-        self._attempts.pop(att.plan.attempt_id, None)
-        self._uncount(att)
-        if att.lease is not None:
-            att.lease.close()
-        for path in att.kept.values():
-            path.kept.close()
-        att.kept.clear()
-        if att.relay is not None and att.plan.initiator:
-            att.relay.close()  # never used: the connection went direct
-            att.relay = None
-
     # ------------------------------------------------------------------ port samples
 
+    def _punch_started(self) -> None:
+        self._samples_stale = True  # its probes and extra sockets are new flows
+
+    def _punch_finished(self) -> None:
+        if profile_of(self.my_info()).random:
+            # The next introduction (ours or a client's) should carry fresh samples.
+            self._start_resample()
+
     def _needs_resample(self, info: PeerInfo) -> bool:
-        prof = _profile(info)
+        prof = profile_of(info)
         if not prof.random:
             return False
         running = self._resampling is not None and not self._resampling.done()
