@@ -39,8 +39,9 @@ IDLE_TIMEOUT = 30.0
 class RelayLimits:
     #: Sessions at once in all.
     max_sessions: int = 256
-    #: Sessions at once with one member IP.
-    max_sessions_per_ip: int = 16
+    #: Sessions at once with one member IP: a carrier NAT puts many users behind one IP, and
+    #: every introduction creates a session that lives until it idles out (30 s).
+    max_sessions_per_ip: int = 64
     #: Bytes per second one session may forward (both directions together).
     session_rate: float = 1_000_000.0
     #: Bytes per second the relay forwards in all.

@@ -290,7 +290,10 @@ class Connections(Service):
         if intro.relay is not None:
             att.relay = self.relays.open(intro.relay, wire_relay.ROLE_CLIENT, peer[-1])
         strategy = att.plan.strategy.value
+        offered = att.relay
         first = await self._first_path(att)
+        if offered is not None and offered is not first:
+            offered.close()  # the punch won: the relayed path is not needed
         if isinstance(first, RelayPath):
             first.in_use = True
             att.relay = None
@@ -324,9 +327,12 @@ class Connections(Service):
     async def _first_path(self, att: Attempt) -> Punched | RelayPath:
         """The punched path, or the relay when it is paired first (after a short grace for a
         punch that is usually quick); raises when neither works."""
-        relay = att.relay
+        relay = offered = att.relay
         waiting: set[asyncio.Future[Any]] = {att.result}
         if relay is not None:
+            # This connect owns the relayed path now: the attempt's end (a failed punch ends
+            # after a short linger) must not close it while the relay is still pairing us.
+            att.relay = None
             waiting.add(relay.paired)
         slow = att.plan.strategy.value in ("birthday", "impossible")
         grace_until = time.monotonic() + (0.0 if slow else RELAY_GRACE)
@@ -352,10 +358,8 @@ class Connections(Service):
                 time.monotonic() >= grace_until or att.result.done()
             ):
                 return relay
-        offered = att.relay is not None
-        if att.relay is not None:
-            att.relay.close()
-            att.relay = None
+        if offered is not None:
+            offered.close()
         why = failure or "hole punching found no path"
         why += "; the relay did not pair us" if offered else "; no relay was offered"
         raise PunchError(f"no path to the peer: {why}")
