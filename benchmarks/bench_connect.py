@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import shutil
 import socket
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from benchkit import CHUNK, pct, send_bulk, sink, stop
 
 from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity
@@ -81,7 +81,6 @@ PY = sys.executable
 HYPERDHT_FIRST_BYTE_MS = 60.0
 DHT_NODES = 6
 PARAMS = DhtParams(request_timeout=0.5, slow_after=0.15)
-CHUNK = 65536
 DATAGRAM = 1200
 LAB_PORT = 49200
 LAB_PUBLIC_NODES = 5
@@ -114,12 +113,6 @@ QUICK = Counts(connects=10, processes=4, bulk_mb=8, lab_connects=5)
 # --------------------------------------------------------------------------- helpers
 
 
-def pct(values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of ``values``."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
-
-
 def med_p95(values: list[float]) -> str:
     if not values:
         return "no samples"
@@ -138,16 +131,6 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def stop(p: subprocess.Popen[Any]) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def first_json_line(path: Path, p: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
@@ -207,38 +190,11 @@ async def echo_streams(conn: Connection) -> None:
             writer.write_eof()
 
 
-async def sink(reader: asyncio.StreamReader, writer: Any) -> None:
-    """Read to EOF, then answer with the byte count (the sender's clock stops on it)."""
-    n = 0
-    while data := await reader.read(CHUNK):
-        n += len(data)
-    writer.write(b"%d" % n)
-    await writer.drain()
-    writer.write_eof()
-
-
 async def sink_streams(conn: Connection) -> None:
     with contextlib.suppress(Exception):
         while True:
             reader, writer = await conn.accept_stream()
             await sink(reader, writer)
-
-
-async def send_bulk(reader: asyncio.StreamReader, writer: Any, total: int) -> float:
-    """Send ``total`` bytes, wait for the receiver's count; returns MB/s."""
-    block = os.urandom(CHUNK)
-    t0 = time.perf_counter()
-    sent = 0
-    while sent < total:
-        writer.write(block)
-        sent += len(block)
-        await writer.drain()
-    writer.write_eof()
-    got = int(await asyncio.wait_for(reader.read(), 120))
-    elapsed = time.perf_counter() - t0
-    if got != total:
-        raise RuntimeError(f"receiver counted {got} of {total} bytes")
-    return total / elapsed / 1e6
 
 
 class UdpCounter(asyncio.DatagramProtocol):

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from benchkit import CHUNK, pct, send_bulk, sink, stop
 
 import dhtnode.transport.connections as connections_module
 from dhtnode.connect.services import plug_in
@@ -84,7 +85,6 @@ ROOT = HERE.parent
 PY = sys.executable
 DHT_NODES = 6
 PARAMS = DhtParams(request_timeout=0.5, slow_after=0.15)
-CHUNK = 65536
 #: Relay limits that do not throttle a loopback transfer or a flood.
 UNTHROTTLED = RelayLimits(session_rate=1e9, total_rate=1e9)
 #: A full QUIC datagram (aioquic's 1200 bytes) in relay DATA: 1,209 bytes on the wire.
@@ -123,12 +123,6 @@ QUICK = Counts(lab_connects=4, lab_budget=40.0, bulk_mb=4, rounds=1,
 # --------------------------------------------------------------------------- helpers
 
 
-def pct(values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of ``values``."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
-
-
 def med_p95(values: list[float], unit: str = "ms") -> str:
     if not values:
         return "no samples"
@@ -138,16 +132,6 @@ def med_p95(values: list[float], unit: str = "ms") -> str:
 
 def line(label: str, text: str) -> None:
     print(f"{label:<58}{text}", flush=True)
-
-
-def stop(p: subprocess.Popen[Any]) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def ms_since(t0: float) -> float:
@@ -466,33 +450,6 @@ def relay_stats(peers: list[Peer]) -> Counter[str]:
     for p in peers:
         total.update(p.conns.services.relay.table.stats)
     return total
-
-
-async def sink(reader: asyncio.StreamReader, writer: Any) -> None:
-    """Read to EOF, then answer with the byte count (the sender's clock stops on it)."""
-    n = 0
-    while data := await reader.read(CHUNK):
-        n += len(data)
-    writer.write(b"%d" % n)
-    await writer.drain()
-    writer.write_eof()
-
-
-async def send_bulk(reader: asyncio.StreamReader, writer: Any, total: int) -> float:
-    """Send ``total`` bytes, wait for the receiver's count; returns MB/s."""
-    block = os.urandom(CHUNK)
-    t0 = time.perf_counter()
-    sent = 0
-    while sent < total:
-        writer.write(block)
-        sent += len(block)
-        await writer.drain()
-    writer.write_eof()
-    got = int(await asyncio.wait_for(reader.read(), 120))
-    elapsed = time.perf_counter() - t0
-    if got != total:
-        raise RuntimeError(f"receiver counted {got} of {total} bytes")
-    return total / elapsed / 1e6
 
 
 async def part_2(c: Counts) -> None:
