@@ -44,7 +44,7 @@ import pytest
 from dhtnode.daemon import control
 from dhtnode.nat.observer import NatClass
 from dhtnode.nat.strategy import NatProfile, Strategy, choose
-from tests.netlab import KINDS, SEQ_BASE, Lab, LabHost, lab_available
+from tests.netlab import KINDS, SEQ_BASE, Lab, LabHost, running_lab
 from tests.procs import stop
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -336,18 +336,13 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    reason = lab_available()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab()
-    w = World(lab, tmp_path_factory.mktemp("connect-matrix"))
-    try:
-        lab.start()
-        w.start_public()
-        yield w
-    finally:
-        w.close()
-        lab.close()
+    with running_lab() as lab:
+        w = World(lab, tmp_path_factory.mktemp("connect-matrix"))
+        try:
+            w.start_public()
+            yield w
+        finally:
+            w.close()
 
 
 def format_matrix(results: dict[tuple[str, str], Cell]) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from tests.netlab import Lab, LabHost, lab_available
+from tests.netlab import LabHost, running_lab
 from tests.procs import stop
 from tests.test_connect_matrix import ROOT, World, dhtnode
 
@@ -143,22 +143,17 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    reason = lab_available()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab()
-    world = World(lab, tmp_path_factory.mktemp("lab-forward-swarm"))
-    e = Env(world)
-    try:
-        lab.start()
-        t0 = time.monotonic()
-        world.start_public(3)
-        print(f"\nlab: 3 public DHT nodes up in {time.monotonic() - t0:.1f}s")
-        yield e
-    finally:
-        e.close()
-        world.close()
-        lab.close()
+    with running_lab() as lab:
+        world = World(lab, tmp_path_factory.mktemp("lab-forward-swarm"))
+        e = Env(world)
+        try:
+            t0 = time.monotonic()
+            world.start_public(3)
+            print(f"\nlab: 3 public DHT nodes up in {time.monotonic() - t0:.1f}s")
+            yield e
+        finally:
+            e.close()
+            world.close()
 
 
 # --- forwarding ----------------------------------------------------------------------------
