@@ -23,11 +23,15 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from dhtnode.daemon.atomic import write_atomic
 from dhtnode.errors import StateError
 from dhtnode.wire.address import Address, format_addr, parse_host_port
+
+T = TypeVar("T")
 
 IDENTITY_FILE = "identity.key"
 NODES_FILE = "nodes.json"
@@ -102,54 +106,48 @@ def save_announced(state_dir: Path, topics: list[bytes]) -> None:
     write_atomic(Path(state_dir) / TOPICS_FILE, json.dumps(doc, indent=1).encode(), mode=0o600)
 
 
+def _load_versioned(state_dir: Path, name: str, what: str,
+                    parse: Callable[[dict[str, Any]], list[T]]) -> list[T]:
+    """A ``{"version": 1, ...}`` JSON file of the state dir, parsed; a missing or unreadable
+    file is empty, and a corrupt one is moved aside to ``<name>.corrupt`` (never trusted,
+    never lost)."""
+    path = Path(state_dir).expanduser() / name
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return []
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("version") != NODES_FORMAT_VERSION:
+            raise ValueError("unknown format")
+        return parse(doc)
+    except (ValueError, KeyError, TypeError):
+        try:
+            os.replace(path, path.with_name(name + ".corrupt"))
+        except OSError as exc:
+            raise StateError(f"corrupt {what} {path} could not be moved aside: {exc}") from None
+        return []
+
+
+def _parse_topics(doc: dict[str, Any]) -> list[bytes]:
+    topics = [bytes.fromhex(str(t)) for t in doc["topics"]]
+    if any(len(t) != 32 for t in topics):
+        raise ValueError("a topic is not 32 bytes")
+    return topics
+
+
 def load_announced(state_dir: Path) -> list[bytes]:
     """The saved topics; a missing or unreadable file is none (a corrupt one is moved aside
     to topics.json.corrupt, as the node cache is)."""
-    path = Path(state_dir).expanduser() / TOPICS_FILE
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return []
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("version") != NODES_FORMAT_VERSION:
-            raise ValueError("unknown format")
-        topics = [bytes.fromhex(str(t)) for t in doc["topics"]]
-        if any(len(t) != 32 for t in topics):
-            raise ValueError("a topic is not 32 bytes")
-        return topics
-    except (ValueError, KeyError, TypeError):
-        try:
-            os.replace(path, path.with_name(TOPICS_FILE + ".corrupt"))
-        except OSError as exc:
-            raise StateError(f"corrupt topics file {path} could not be moved aside: {exc}"
-                             ) from None
-        return []
+    return _load_versioned(state_dir, TOPICS_FILE, "topics file", _parse_topics)
+
+
+def _parse_nodes(doc: dict[str, Any]) -> list[Address]:
+    entries = doc["nodes"]
+    if not isinstance(entries, list):
+        raise ValueError("nodes is not a list")
+    return [parse_host_port(str(e)) for e in entries[:MAX_CACHED_NODES]]
 
 
 def load_node_cache(state_dir: Path) -> list[Address]:
-    path = Path(state_dir).expanduser() / NODES_FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError:
-        return []
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("version") != NODES_FORMAT_VERSION:
-            raise ValueError("unknown format")
-        entries = doc["nodes"]
-        if not isinstance(entries, list):
-            raise ValueError("nodes is not a list")
-        out: list[Address] = []
-        for e in entries[:MAX_CACHED_NODES]:
-            host, port = parse_host_port(str(e))
-            out.append((host, port))
-        return out
-    except (ValueError, KeyError, TypeError):
-        try:
-            os.replace(path, path.with_name(NODES_FILE + ".corrupt"))
-        except OSError as exc:
-            raise StateError(f"corrupt node cache {path} could not be moved aside: {exc}") from None
-        return []
+    return _load_versioned(state_dir, NODES_FILE, "node cache", _parse_nodes)
