@@ -227,14 +227,9 @@ def cmd_ping_key(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from dhtnode.dht.ids import parse_topic, topic_from_name
+    from dhtnode.cli.topics import topic_arg
 
-    if bool(args.topic) == bool(args.topic_name):
-        raise UsageError("give exactly one of TOPIC (64 hex characters) or --topic-name NAME")
-    try:
-        topic = topic_from_name(args.topic_name) if args.topic_name else parse_topic(args.topic)
-    except ValueError as exc:
-        raise UsageError(f"TOPIC: {exc}") from None
+    topic = topic_arg(args)
     cfg = config_from_args(args)
     setup_logging(cfg)
 

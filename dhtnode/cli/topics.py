@@ -32,7 +32,8 @@ def _control_path(args: argparse.Namespace) -> Path:
     return control_path(args)
 
 
-def _topic(args: argparse.Namespace) -> bytes:
+def topic_arg(args: argparse.Namespace) -> bytes:
+    """The topic of TOPIC or --topic-name (exactly one), as a usage error otherwise."""
     from dhtnode.dht.ids import parse_topic, topic_from_name
 
     if args.topic and args.topic_name:
@@ -72,7 +73,7 @@ def _refuse_daemons_key(args: argparse.Namespace, cfg: Any, verb: str) -> None:
 
 
 def cmd_announce(args: argparse.Namespace) -> int:
-    topic = _topic(args)
+    topic = topic_arg(args)
     if args.keep_alive is not None and args.keep_alive <= 0:
         raise UsageError(f"--keep-alive: must be > 0 seconds, got {args.keep_alive}")
     if args.via_daemon and args.keep_alive is not None:
@@ -161,7 +162,7 @@ def _not_announced(topic: bytes, public_key: str, where: str) -> NotAnnounced:
 
 
 def cmd_unannounce(args: argparse.Namespace) -> int:
-    topic = _topic(args)
+    topic = topic_arg(args)
     if _use_daemon(args):
         from dhtnode.daemon import control
 
@@ -197,7 +198,7 @@ def cmd_unannounce(args: argparse.Namespace) -> int:
 def cmd_lookup(args: argparse.Namespace) -> int:
     from dhtnode.daemon.service import record_to_json
 
-    topic = _topic(args)
+    topic = topic_arg(args)
     records: list[dict[str, Any]]
     if _use_daemon(args):
         from dhtnode.daemon import control
