@@ -119,6 +119,16 @@ table inet lab_fw {
 }
 """
 
+# A home router's IPv6: routed, no NAT, new inbound flows dropped (IPv4 is the NAT's job).
+_FIREWALL_V6 = """
+table ip6 lab_fw6 {
+  chain lab_input { type filter hook input priority filter; policy accept;
+    iifname "lo" accept;
+    ct state established,related accept;
+    meta l4proto { udp, tcp } drop; }
+}
+"""
+
 # The full-cone map is filled after the NAT decision (postrouting, after srcnat), keyed by the
 # mapped port, so any outside endpoint's packet to that port is sent to the inside socket.
 _FULL_CONE_NAT = """
@@ -295,6 +305,21 @@ class Lab:
         sh("ip", "link", "set", ifname, "up", ns=ns)
         return ip, ip6
 
+    def _wire_v6_leg(self, ns: str, ifname: str) -> str:
+        """An IPv6-only link from ``ns`` to the internet, behind a stateful IPv6 firewall;
+        returns the IPv6 address."""
+        n = self._next_pub
+        if n > 254:
+            raise RuntimeError("the lab's internet is full")
+        self._next_pub += 1
+        ip6 = f"{INTERNET6_PREFIX}:{n}"
+        sh("sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0", ns=ns)
+        self._veth_into_bridge(ns, ifname, self.inet, "br0", f"v{n}{self.prefix[-4:]}")
+        sh("ip", "-6", "addr", "add", f"{ip6}/64", "dev", ifname, "nodad", ns=ns)
+        sh("ip", "link", "set", ifname, "up", ns=ns)
+        self._apply(ns, _FIREWALL_V6)
+        return ip6
+
     def _wire_to_lan(self, ns: str, ifname: str, router: NatRouter) -> str:
         """Connect ``ns`` to ``router``'s LAN with a default route through it; returns its IP."""
         octet = router.next_octet
@@ -361,11 +386,16 @@ class Lab:
         self.routers[name] = router
         return router
 
-    def host_behind(self, router: NatRouter, name: str) -> LabHost:
-        """One more host on ``router``'s LAN; hosts on one LAN reach each other directly."""
+    def host_behind(self, router: NatRouter, name: str, *, ipv6: bool = False) -> LabHost:
+        """One more host on ``router``'s LAN; hosts on one LAN reach each other directly.
+
+        ``ipv6``: the host also gets an IPv6 address on the internet, behind a stateful
+        firewall and no NAT, as a home router routes IPv6 (a second link, "eth1", that
+        carries IPv6 only; IPv4 still goes through the router)."""
         ns = self._ns(name)
         ip = self._wire_to_lan(ns, "eth0", router)
-        h = LabHost(name, ns, ip, router.public_ip, router.kind, router=router)
+        ip6 = self._wire_v6_leg(ns, "eth1") if ipv6 else None
+        h = LabHost(name, ns, ip, router.public_ip, router.kind, ip6, router=router)
         router.hosts.append(h)
         self.hosts[name] = h
         return h

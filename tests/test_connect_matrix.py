@@ -44,7 +44,7 @@ import pytest
 from dhtnode.daemon import control
 from dhtnode.nat.observer import NatClass
 from dhtnode.nat.strategy import NatProfile, Strategy, choose
-from tests.netlab import KINDS, SEQ_BASE, Lab, LabHost, running_lab
+from tests.netlab import KINDS, SEQ_BASE, Lab, LabHost, running_lab, sh
 from tests.procs import stop
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -416,5 +416,52 @@ def test_firewalled_ipv6_pair_connects(world: World) -> None:
     for p in pings:
         assert p.ok, f"{p.out} (log {p.log})"
         assert p.out["path"] == "direct"
+        assert p.strategy == Strategy.SIMULTANEOUS.value
+        assert str(p.out["address"]).startswith(f"[{a.ip6}]:"), p.out
+
+
+def _drop_ipv4_between(a: LabHost, b: LabHost) -> None:
+    """Make IPv4 between two public hosts impossible (both directions, at ``a``), so only
+    IPv6 can connect them."""
+    rules = (f"table ip lab_noway {{\n"
+             f"  chain i {{ type filter hook input priority -10; ip saddr {b.ip} drop; }}\n"
+             f"  chain o {{ type filter hook output priority -10; ip daddr {b.ip} drop; }}\n"
+             f"}}\n")
+    sh("nft", "-f", "-", ns=a.ns, input=rules)
+
+
+def test_dual_stack_pair_races_ipv6_beside_an_ipv4_introduction(world: World) -> None:
+    """Dual-stack firewalled hosts whose DHT runs over IPv4 only: each tells the other its
+    own IPv6 address inside the sealed introduction, and the punch races IPv6 beside IPv4.
+    With IPv4 between the two blocked, only the IPv6 race can connect them."""
+    a = world.lab.host("ds-a", kind="firewalled", ipv6=True)
+    b = world.lab.host("ds-b", kind="firewalled", ipv6=True)
+    _drop_ipv4_between(a, b)
+    _, key = world.listen(a, "dual-stack")
+    pings = [world.ping(b, key) for _ in range(PINGS)]
+    print("\ndual-stack pair, IPv4 blocked:", [(p.ok, p.strategy, p.out.get("connect_ms"),
+                                                p.out.get("address")) for p in pings])
+    for p in pings:
+        assert p.ok, f"{p.out} (log {p.log})"
+        assert p.out["path"] == "direct"
+        assert str(p.out["address"]).startswith(f"[{a.ip6}]:"), p.out
+
+
+def test_symmetric_nats_with_ipv6_connect_directly_over_ipv6(world: World) -> None:
+    """Both sides behind port-randomizing IPv4 NATs (no IPv4 punch can work) but with routed,
+    firewalled IPv6, as most home routers give: the DHT and the introduction run over IPv4,
+    and the connection ends direct over IPv6 instead of relayed."""
+    ra = world.lab.nat_router("dsn-ra", kind="symmetric")
+    rb = world.lab.nat_router("dsn-rb", kind="symmetric")
+    a = world.lab.host_behind(ra, "dsn-a", ipv6=True)
+    b = world.lab.host_behind(rb, "dsn-b", ipv6=True)
+    _, key = world.listen(a, "dual-stack-nat")
+    pings = [world.ping(b, key) for _ in range(PINGS)]
+    print("\nsymmetric x symmetric with IPv6:", [(p.ok, p.strategy, p.out.get("connect_ms"),
+                                                  p.out.get("path"), p.out.get("address"))
+                                                 for p in pings])
+    for p in pings:
+        assert p.ok, f"{p.out} (log {p.log})"
+        assert p.out["path"] == "direct", p.out
         assert p.strategy == Strategy.SIMULTANEOUS.value
         assert str(p.out["address"]).startswith(f"[{a.ip6}]:"), p.out

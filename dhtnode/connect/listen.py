@@ -88,6 +88,10 @@ class Listeners(Service):
         self._by_topic: dict[bytes, Listening] = {}
         #: Our LAN addresses (the driver fills them in: it knows the interfaces and port).
         self.lan_addresses: tuple[Address, ...] = ()
+        #: This host's own IPv6 addresses with the node's port (the driver fills them in),
+        #: told to peers when the DHT has shown us no IPv6 address of ours: IPv6 has no NAT,
+        #: so a peer with IPv6 can race it beside an IPv4 punch (``nat/candidates.py``).
+        self.own_v6: tuple[Address, ...] = ()
         #: Mapped ports the driver sampled from a fresh socket after the DHT's samples went
         #: stale (a sequential NAT moves on with every new flow): see :meth:`set_fresh_samples`.
         self.fresh_port_samples: tuple[int, ...] = ()
@@ -106,6 +110,8 @@ class Listeners(Service):
         st = ctx.standing
         nat = ctx.observer.nat_class
         public = ctx.observer.public_addresses or ((st.public,) if st.public else ())
+        if not any(":" in a[0] for a in public):
+            public = tuple(public) + self.own_v6
         return PeerInfo(
             nat_class=nat.value if st.fixed_public is None else NatClass.CONSISTENT.value,
             open=st.reachable,

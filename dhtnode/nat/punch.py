@@ -21,7 +21,14 @@ one too. Strategies (constants below):
   :data:`PREDICT_PORTS` predicted ports first and then searches like BIRTHDAY. When both sides
   are sequential each probes the other's predicted ports from its own socket, in order, and
   nothing else: the i-th new flow of each side then meets the i-th prediction of the other.
-* IMPOSSIBLE: ``result`` is a :class:`PunchFailed` at once.
+* IMPOSSIBLE: ``result`` is a :class:`PunchFailed` at once, unless the peer claims IPv6
+  addresses (below): then only those are raced, and the plan fails soon after.
+
+Besides the introducer-seen address (and LAN addresses behind one public IP), a plan may get
+*extra* addresses: the peer's own IPv6 addresses when the introduction ran over IPv4 and both
+sides have IPv6 (``nat/candidates.py``). IPv6 has no NAT, at most a stateful firewall, so
+they are probed like SIMULTANEOUS in the first :data:`EXTRA_ROUNDS` rounds, beside whatever
+the IPv4 strategy does; the first path that answers wins.
 
 Every loop is bounded in count, rate and time; :attr:`PunchPlan.send_cap` is the most this
 plan can ever send. Slot 0 is the node's own UDP socket; slots 1..n are extra sockets the
@@ -53,9 +60,19 @@ from dhtnode.wire.address import Address
 #: (2048 probes x 3 ms = 6.1 s) with room for a slow introduction; HyperDHT's random-NAT
 #: search runs ~35 s but at 20 ms per probe, nat-facts measured successes in 1.2-12.5 s.
 PUNCH_DEADLINE = 10.0
-#: Peer addresses probed (the introducer-observed public address first, then LAN ones):
-#: more would only multiply every round's datagrams for addresses that rarely work.
+#: Peer addresses probed in every round (LAN ones, then the introducer-observed public
+#: address): more would only multiply every round's datagrams for addresses that rarely work.
 MAX_PEER_ADDRESSES = 4
+#: Addresses the peer only claims (its IPv6 addresses beside an IPv4 introduction, see
+#: ``nat/candidates.py``) probed at most; and the rounds they get: the first rounds of the
+#: SIMULTANEOUS schedule (0-0.8 s). A stateful firewall on either side opens with its own
+#: side's first probe, so a path that works answers within them; and a peer that names a
+#: third party's address there makes us send it at most 6 probes of 31 bytes.
+MAX_EXTRA_ADDRESSES = 2
+EXTRA_ROUNDS = 6
+#: Seconds an IMPOSSIBLE plan with claimed IPv6 addresses waits after its last round for an
+#: answer before it fails (a peer's probes may come one RTT after ours).
+EXTRA_LINGER = 1.0
 #: First resend interval of the probe rounds: a lost first probe costs only 50 ms.
 ROUND_FIRST_INTERVAL = 0.05
 #: Longest gap between probe rounds: HyperDHT punches consistent pairs in rounds 1 s apart;
@@ -155,6 +172,7 @@ class PunchPlan:
         now: float,
         rng: random.Random,
         deadline: float = PUNCH_DEADLINE,
+        extra: tuple[Address, ...] = (),
     ) -> None:
         if not peer:
             raise ValueError("a punch needs at least one peer address")
@@ -184,6 +202,12 @@ class PunchPlan:
         self._targets: list[Address] = list(self._peer)
         self._rounds = [now + t for t in round_offsets(self.strategy, deadline)]
         self._round = 0
+        # Claimed addresses, raced in the first rounds of their own schedule (whatever the
+        # strategy: they are IPv6 without NAT, at most a stateful firewall).
+        self._extra = [a for a in extra if a not in self._peer][:MAX_EXTRA_ADDRESSES]
+        offsets = round_offsets(Strategy.SIMULTANEOUS, deadline)[:EXTRA_ROUNDS]
+        self._extra_rounds = [now + t for t in offsets] if self._extra else []
+        self._extra_round = 0
         # Random side of BIRTHDAY/PREDICT: one probe per extra socket, in rounds.
         self._wants_sockets = 0
         self._slots = 0
@@ -202,6 +226,7 @@ class PunchPlan:
         #: The most datagrams this plan can ever send (the documented bound, for tests).
         self.send_cap = (
             len(self._rounds) * len(self._targets)
+            + len(self._extra_rounds) * len(self._extra)
             + BIRTHDAY_ROUNDS * self._wants_sockets
             + len(self._search)
             + 1  # the ACK that answers the winning probe
@@ -209,10 +234,15 @@ class PunchPlan:
             + MAX_TRAILING_ACKS
         )
         if self.strategy is Strategy.IMPOSSIBLE:
-            self.result = PunchFailed(REASON_IMPOSSIBLE)
-            self._finished = True
-            self.send_cap = 0
-            return
+            if not self._extra:
+                self.result = PunchFailed(REASON_IMPOSSIBLE)
+                self._finished = True
+                self.send_cap = 0
+                return
+            # IPv4 cannot be punched, IPv6 may: race only the claimed addresses.
+            self.send_cap -= len(self._rounds) * len(self._targets)
+            self._rounds = []
+            self._deadline_at = min(self._deadline_at, self._extra_rounds[-1] + EXTRA_LINGER)
         self.handle_timer(now)
 
     def _setup_roles(self, ours: NatProfile, theirs: NatProfile, rng: random.Random) -> None:
@@ -266,6 +296,11 @@ class PunchPlan:
         ]
         self.handle_timer(now)
 
+    def strategy_of(self, addr: Address) -> Strategy:
+        """The strategy that reached ``addr``: a claimed IPv6 address is punched as
+        SIMULTANEOUS whatever the plan's IPv4 strategy."""
+        return Strategy.SIMULTANEOUS if addr in self._extra else self.strategy
+
     def sends(self) -> list[Send]:
         out, self._queue = self._queue, []
         return out
@@ -278,6 +313,8 @@ class PunchPlan:
         times = [self._deadline_at]
         if self._round < len(self._rounds):
             times.append(self._rounds[self._round])
+        if self._extra_round < len(self._extra_rounds):
+            times.append(self._extra_rounds[self._extra_round])
         if self._spray_at:
             times.append(self._spray_at[0])
         if self._searched < len(self._search):
@@ -305,6 +342,13 @@ class PunchPlan:
         if due > self._round:
             self._round = due
             for addr in self._targets:
+                self._probe(0, addr)
+        due = self._extra_round
+        while due < len(self._extra_rounds) and self._extra_rounds[due] <= now:
+            due += 1
+        if due > self._extra_round:
+            self._extra_round = due
+            for addr in self._extra:
                 self._probe(0, addr)
         if self._spray_at and self._spray_at[0] <= now:
             while self._spray_at and self._spray_at[0] <= now:
@@ -381,6 +425,13 @@ class PunchPlan:
         self._search = self._search[: self._searched]
 
     def _fail_deadline(self) -> None:
+        if self.strategy is Strategy.IMPOSSIBLE:
+            self.result = PunchFailed(
+                f"{REASON_IMPOSSIBLE}; IPv6 ({', '.join(a[0] for a in self._extra)}) "
+                "did not answer either"
+            )
+            self._finished = True
+            return
         why = (
             f"no valid probe from the peer within {self._deadline:g} s "
             f"({self.strategy.value} strategy, {self.sent} probes sent)"

@@ -37,8 +37,10 @@ from dhtnode.connect.services import ConnectServices
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.node import Receiver, Service
 from dhtnode.dht.op import OperationError
+from dhtnode.nat.candidates import punch_targets, usable_v6
 from dhtnode.nat.punch import PUNCH_DEADLINE, Punched
 from dhtnode.nat.strategy import MIN_STEP_SAMPLES
+from dhtnode.transport.localaddr import own_v6_addresses
 from dhtnode.transport.punching import Attempt, PunchDriver, profile_of
 from dhtnode.transport.quic import PeerConnection, QuicBridge
 from dhtnode.transport.relaypath import RelayPath, RelayPaths
@@ -273,17 +275,17 @@ class Connections(Service):
         intro: Introduced = await self.endpoint.run(
             lambda n: introduce(n, ident, public_key, info)
         )
-        peer = [intro.server_address]
-        if self._same_public_ip(intro.server_address[0]):
-            # Behind one NAT (no hairpin on most routers): the LAN address first.
-            peer = [a for a in intro.server_info.lan_addresses if a != peer[0]][:2] + peer
+        targets = punch_targets(intro.server_address, intro.server_info, info,
+                                same_public_ip=self._same_public_ip(intro.server_address[0]))
+        peer = targets.peer
         att = self.punch.start(
             initiator=True,
             ours=info,
             theirs=intro.server_info,
-            peer=tuple(peer),
+            peer=peer,
             attempt_id=intro.handshake.attempt_id,
             punch_key=intro.handshake.punch_key,
+            extra=targets.extra,
         )
         if att is None:
             raise PunchError("too many punch attempts with this peer at once; try again")
@@ -318,6 +320,7 @@ class Connections(Service):
                 self.punch.release_slot(att, first.slot)
                 raise
             self.punch.close_with(quic, att, first.slot)
+            strategy = att.plan.strategy_of(first.addr).value  # IPv6 raced beside IPv4
             conn = Connection(quic, "direct", strategy, (time.monotonic() - started) * 1000,
                               first.slot)
         self._emit("connected", public_key=public_key.hex(), address=format_addr(quic.addr),
@@ -409,20 +412,22 @@ class Connections(Service):
         """An accepted introduction (called inside the engine): expect the client's QUIC
         handshake and punch toward it."""
         client = intro.client_address
-        peer = [client]
-        if self._same_public_ip(client[0]):
-            peer = [a for a in intro.client_info.lan_addresses if a != client][:2] + peer
+        ours = self.my_info()
+        targets = punch_targets(client, intro.client_info, ours,
+                                same_public_ip=self._same_public_ip(client[0]))
+        peer = targets.peer
         ident = intro.listener.identity
         on_connection = self._servers.get(ident.public_key)
         if on_connection is None:
             return
         att = self.punch.start(
             initiator=False,
-            ours=self.my_info(),
+            ours=ours,
             theirs=intro.client_info,
-            peer=tuple(peer),
+            peer=peer,
             attempt_id=intro.handshake.attempt_id,
             punch_key=intro.handshake.punch_key,
+            extra=targets.extra,
         )
         if att is None:
             self.stats["drop_intro_attempt_limit"] += 1
@@ -454,7 +459,7 @@ class Connections(Service):
                 conn = Connection(quic, "direct", strategy, 0.0, slot)
             on_connection(conn)
 
-        for ip in dict.fromkeys(a[0] for a in peer):
+        for ip in dict.fromkeys(a[0] for a in peer + targets.extra):
             self.bridge.expect(
                 ip, identity=ident, allowed_key=intro.handshake.client_key, deadline=deadline,
                 on_connection=accepted,
@@ -509,7 +514,8 @@ class Connections(Service):
 
     def _refresh_lan_addresses(self) -> None:
         """Our LAN address and port, learnt by asking the kernel which source address it
-        would use toward a known node (no datagram is sent)."""
+        would use toward a known node (no datagram is sent); and our own IPv6 addresses
+        (``transport/localaddr.py``) for the dual-stack race."""
         port = self.endpoint.local_address[1]
         peers = list(self.node.queries.seeds) + [c.addr for c in self.node.table][:4]
         out: list[Address] = []
@@ -521,3 +527,15 @@ class Connections(Service):
                 if (ip, port) not in out:
                     out.append((ip, port))
         self.services.listeners.lan_addresses = tuple(out[:4])
+        if self.endpoint.is_v6 and not all(_is_loopback(p[0]) for p in peers):
+            # Bound to one IPv6 address: that one; bound to "::": what the host has. Not
+            # for a DHT on loopback (tests): its peers are on this host, and the host's
+            # interface addresses would only send the race out of the loopback network.
+            bound = self.endpoint.local_address[0]
+            v6 = next((p[0] for p in peers if ":" in p[0]), None)
+            ips = [bound] if bound != "::" else own_v6_addresses(v6)
+            self.services.listeners.own_v6 = tuple((ip, port) for ip in ips if usable_v6(ip))
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1"

@@ -150,8 +150,10 @@ class PunchDriver:
         peer: tuple[Address, ...],
         attempt_id: bytes,
         punch_key: bytes,
+        extra: tuple[Address, ...] = (),
     ) -> Attempt | None:
-        """Start punching toward ``peer``; None when over the limits (or a duplicate)."""
+        """Start punching toward ``peer`` (and race the claimed ``extra`` addresses, see
+        ``nat/candidates.py``); None when over the limits (or a duplicate)."""
         ip = peer[-1][0]
         if (
             self._per_ip[ip] >= MAX_ATTEMPTS_PER_IP
@@ -168,6 +170,7 @@ class PunchDriver:
             punch_key=punch_key,
             now=time.monotonic(),
             rng=self._rng,
+            extra=extra,
         )
         if plan.send_cap > SEARCH_SENDS and not self.search_allowed(ip):
             plan.cancel()
