@@ -12,7 +12,8 @@ before address validation, RFC 9000 section 8.1), 1.5x for STUN, nothing sent el
 
 The worst case an attacker can arrange is measured: helpers planted with forged requests
 before a CHECK_REACHABLE; a FORWARD_PROBE forged in the name of a node the victim deals with;
-an INTRO_FORWARD forged in the name of the listener's introducer (public in its record).
+an INTRO_FORWARD forged in the name of the listener's introducer (public in its record);
+relay BIND and DATA from a forged source that carry a real, paired session of the attacker's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dhtnode.nat.punch import PunchPlan
 from dhtnode.nat.strategy import NatProfile
 from dhtnode.wire import address as wire_address
 from dhtnode.wire import messages as m
+from dhtnode.wire import relay as wire_relay
 from dhtnode.wire import stun
 from dhtnode.wire.address import Address
 
@@ -281,6 +283,49 @@ def measure_all() -> list[Row]:
                      value=value), fam[0])
 
     case("INTRO_FORWARD (as introducer)", DHT_LIMIT, intro_forward)
+
+    # The blind relay (0x30-0x33). The attacker holds a real session: it was introduced
+    # (from its own address) to an accomplice, and both bound. Sessions are offered as the
+    # introducer offers them; the relay must answer nothing to a forged source, and forward
+    # nothing to the accomplice (who asked, but not for a victim's datagrams).
+    def relay_session(h: Harness, f: int) -> tuple[bytes, Address, Address]:
+        assert h.services.relay.offering, "the node under attack should relay"
+        me, mate = (("192.0.2.91", 9101), ("192.0.2.92", 9102)) if f == 4 else (
+            ("2001:db8:91::1", 9101), ("2001:db8:92::1", 9102))
+        offer = h.services.relay.offer(me, mate)
+        assert offer is not None
+        session, my_token, mate_token = offer
+        for addr, role, token in ((me, wire_relay.ROLE_CLIENT, my_token),
+                                  (mate, wire_relay.ROLE_SERVER, mate_token)):
+            h.node.receive(wire_relay.encode_bind(wire_relay.Bind(role, session, token)),
+                           addr, h.now)
+        h.node.datagrams_to_send()
+        # The session is real: the attacker's own DATA reaches the accomplice.
+        data = wire_relay.encode_data(wire_relay.RelayType.DATA_TO_RELAY, session, b"hi")
+        h.node.receive(data, me, h.now)
+        assert [a for _, a in h.node.datagrams_to_send()] == [mate]
+        return session, my_token, me
+
+    def relay_bind(h: Harness, f: int) -> tuple[bytes, Address]:
+        session, token, _ = relay_session(h, f)
+        bind = wire_relay.Bind(wire_relay.ROLE_CLIENT, session, token)
+        return wire_relay.encode_bind(bind), VICTIM[f]
+
+    case("relay BIND (a real token, forged)", DHT_LIMIT, relay_bind)
+
+    def relay_data(h: Harness, f: int) -> tuple[bytes, Address]:
+        session, _, _ = relay_session(h, f)
+        data = wire_relay.encode_data(wire_relay.RelayType.DATA_TO_RELAY, session, bytes(1000))
+        return data, VICTIM[f]
+
+    case("relay DATA (a paired session, forged)", DHT_LIMIT, relay_data)
+
+    def relay_fresh_bind(h: Harness, f: int) -> tuple[bytes, Address]:
+        # A BIND the relay has never heard of: a random session and token.
+        bind = wire_relay.Bind(wire_relay.ROLE_SERVER, bytes(range(8)), bytes(16))
+        return wire_relay.encode_bind(bind), VICTIM[f]
+
+    case("relay BIND (unknown session)", DHT_LIMIT, relay_fresh_bind)
 
     def stun_modern(h: Harness, f: int) -> tuple[bytes, Address]:
         _, req = stun.build_binding_request(fingerprint=False)
