@@ -102,6 +102,9 @@ def net_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", action="append", metavar="HOST:PORT", default=None,
                    help="a DHT node to join through (repeatable)")
     p.add_argument("--host", help="local address to bind (default from config)")
+    p.add_argument("--network", metavar="NAME",
+                   help='the DHT network to join (node.network; default "public"): nodes of '
+                   "another network are ignored, so a test swarm never merges with another")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -121,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         public_host=getattr(args, "public_host", None),
         log_level=args.log_level,
         log_format=args.log_format,
+        network=getattr(args, "network", None),
     )
 
 

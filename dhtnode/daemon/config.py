@@ -18,6 +18,10 @@ from dhtnode.dht.node import DhtParams
 from dhtnode.errors import ConfigError
 from dhtnode.nat.relay import RelayLimits
 from dhtnode.wire.address import parse_host_port
+from dhtnode.wire.messages import PUBLIC_NETWORK
+
+#: Longest network name (``[node] network``): a label, not a secret, and it is never sent.
+MAX_NETWORK_NAME = 64
 
 #: UDP port for DHT, STUN and QUIC. Not HyperDHT's 49737, so both can run side by side.
 DEFAULT_PORT = 49200
@@ -47,6 +51,10 @@ class NodeConfig:
     public_host: str = ""
     #: Identity key, node cache and control socket live here.
     state_dir: Path = field(default_factory=default_state_dir)
+    #: The DHT network to be part of: nodes of another network are never answered nor
+    #: learned from. "public" is the public network; any other name makes a separate one
+    #: (a test swarm), whose messages carry 4 bytes of network id.
+    network: str = PUBLIC_NETWORK
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,7 @@ _RULES: dict[tuple[str, str], tuple[str, Any, Any]] = {
     ("node", "bootstrap_node"): ("bool", None, None),
     ("node", "public_host"): ("ip", "the public IP other nodes reach this one at", None),
     ("node", "state_dir"): ("path", None, None),
+    ("node", "network"): ("network", None, None),
     ("log", "level"): ("enum", ("debug", "info", "warning", "error"), None),
     ("log", "format"): ("enum", ("auto", "json", "console"), None),
     ("dht", "k"): ("int", 2, 64),
@@ -258,6 +267,15 @@ def _check(name: str, rule: tuple[str, Any, Any], value: Any) -> Any:
         except ValueError as exc:
             raise ConfigError(name, f'must be "HOST:PORT" (or "" for off): {exc}') from None
         return value.strip()
+    if kind == "network":
+        fix = (f'give a name of 1 to {MAX_NETWORK_NAME} printable characters, such as '
+               f'"testnet-1", or "{PUBLIC_NETWORK}" for the public network')
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string: {fix}; got {value!r}")
+        text = value.strip()
+        if not text or len(text) > MAX_NETWORK_NAME or not text.isprintable():
+            raise ConfigError(name, f"{fix}; got {value!r}")
+        return text
     if kind == "bootstrap":
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(name, 'must be a list of "HOST:PORT" strings')
@@ -378,6 +396,7 @@ def apply_overrides(
     public_host: str | None = None,
     log_level: str | None = None,
     log_format: str | None = None,
+    network: str | None = None,
 ) -> Config:
     """Command-line values (None = not given) on top of ``cfg``; same validation."""
     node: dict[str, Any] = {}
@@ -393,6 +412,8 @@ def apply_overrides(
         node["bootstrap_node"] = bool(bootstrap_node)
     if public_host is not None:
         node["public_host"] = _check("--public-host", _RULES[("node", "public_host")], public_host)
+    if network is not None:
+        node["network"] = _check("--network", _RULES[("node", "network")], network)
     log: dict[str, Any] = {}
     if log_level is not None:
         log["level"] = _check("--log-level", _RULES[("log", "level")], log_level)

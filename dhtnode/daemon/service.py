@@ -73,7 +73,10 @@ class Daemon:
         SIGHUP; None: SIGHUP only logs that there is nothing to reload from."""
         self.cfg = cfg
         self._reload = reload
+        #: What the bootstrap names (``node.bootstrap``) resolved to last time.
         self._config_seeds: list[Address] = []
+        #: The re-resolution running for a rejoin, if any (one at a time).
+        self._resolving: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Task[Any]] = set()
         self.metrics: Any = None
         self.endpoint: NodeEndpoint | None = None
@@ -119,6 +122,7 @@ class Daemon:
         self.endpoint = await NodeEndpoint.create_on(sock, node, on_event=log_event)
         self.connections = Connections(self.endpoint, services, on_event=log_event)
         self._config_seeds = list(seeds)
+        node.on_rejoin = self._on_rejoin
         if cfg.metrics.listen:
             from dhtnode.daemon.metrics import MetricsServer  # prometheus_client: only if on
 
@@ -309,17 +313,21 @@ class Daemon:
             from dhtnode.daemon.logging import configure_logging
 
             configure_logging(new.log.level, old.log.format)
+            if self.endpoint is not None:
+                node = self.node
+                node.params = node.ctx.params = dataclasses.replace(
+                    node.params, rpc_trace=new.log.level == "debug")
             applied.append("log.level")
-        if new.node.bootstrap != old.node.bootstrap:
+        if new.node.bootstrap or old.node.bootstrap:
+            # Names are resolved again on every reload, changed or not: the reload is how an
+            # operator says "a bootstrap node moved".
             seeds = await resolve(new.node.bootstrap)
             if self.endpoint is not None:
-                q = self.node.queries
-                learned = [a for a in q.seeds if a not in self._config_seeds]
-                q.seeds = list(dict.fromkeys(seeds + learned))
-                self._config_seeds = seeds
+                self._use_seeds(seeds, new.node.bootstrap)
                 if len(self.node.table) == 0 and seeds:
                     self._tasks.append(asyncio.create_task(self._join_again()))
-            applied.append("node.bootstrap")
+            if new.node.bootstrap != old.node.bootstrap:
+                applied.append("node.bootstrap")
         if new.records != old.records and self.endpoint is not None:
             r = new.records
             node = self.node
@@ -350,10 +358,44 @@ class Daemon:
         sdnotify.ready()
         return applied
 
-    async def _join_again(self) -> None:
+    async def _join_again(self, after: str = "reload") -> None:
         assert self.endpoint is not None
         size = await self.endpoint.run(lambda n: n.bootstrap())
-        log.info("bootstrap_done", routing_table_size=size, after="reload")
+        log.info("bootstrap_done", routing_table_size=size, after=after)
+
+    def _use_seeds(self, seeds: list[Address], names: tuple[tuple[str, int], ...]) -> bool:
+        """Make ``seeds`` (the bootstrap names resolved afresh) the engine's configured seeds,
+        in place of what they resolved to before; seeds learned otherwise (the node cache) are
+        kept. True if the addresses changed."""
+        q = self.node.queries
+        learned = [a for a in q.seeds if a not in self._config_seeds]
+        q.seeds = list(dict.fromkeys(seeds + learned))
+        changed = seeds != self._config_seeds
+        if changed:
+            log.info("bootstrap_resolved", bootstrap=[f"{h}:{p}" for h, p in names],
+                     addresses=[wire_address.format_addr(a) for a in seeds],
+                     before=[wire_address.format_addr(a) for a in self._config_seeds])
+        self._config_seeds = list(seeds)
+        return changed
+
+    def _on_rejoin(self) -> None:
+        """The engine's table is empty and it rejoins through its seeds: resolve the
+        bootstrap names again (the engine does no I/O), at most one resolution at a time."""
+        if not self.cfg.node.bootstrap or (self._resolving is not None
+                                           and not self._resolving.done()):
+            return
+        self._resolving = asyncio.create_task(self._reresolve())
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(self._resolving)
+
+    async def _reresolve(self) -> None:
+        seeds = await resolve(self.cfg.node.bootstrap)
+        if not seeds or self.endpoint is None or self._stop.is_set():
+            return  # no answer from DNS (logged): the old addresses beat none
+        # The engine's own rejoin lookup already went to the old addresses; new ones are
+        # tried at once rather than at the next growth tick (up to rejoin_interval away).
+        if self._use_seeds(seeds, self.cfg.node.bootstrap) and seeds and len(self.node.table) == 0:
+            await self._join_again(after="rejoin")
 
     async def stop(self) -> None:
         for t in list(self._reloads):

@@ -16,6 +16,7 @@ from dhtnode.dht.node import DhtParams
 from dhtnode.dht.records import Record
 from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
+from dhtnode.wire.messages import network_id
 
 log = get_logger("dhtnode")
 
@@ -31,11 +32,15 @@ def params_from_config(cfg: Config) -> DhtParams:
         max_records=cfg.records.max_total,
         max_records_per_topic=cfg.records.max_per_topic,
         max_records_per_ip=cfg.records.max_per_ip,
+        network=network_id(cfg.node.network),
+        rpc_trace=cfg.log.level == "debug",
     )
 
 
 async def resolve(hosts: list[tuple[str, int]] | tuple[tuple[str, int], ...]) -> list[Address]:
-    """Resolve names in a bootstrap list; unresolvable entries are logged and skipped."""
+    """Resolve names in a bootstrap list; unresolvable entries are logged and skipped. The
+    daemon calls this again whenever it rejoins (``Daemon._reresolve``): a name's address
+    may have changed since the last time."""
     loop = asyncio.get_running_loop()
     out: list[Address] = []
     for host, port in hosts:
@@ -64,7 +69,9 @@ def record_to_json(topic: bytes, rec: Record) -> dict[str, Any]:
 
 
 #: Engine events nobody can act on: debug level (a user asked for --log-level debug).
-DEBUG_EVENTS = frozenset({"probe_inconclusive", "quic_connected"})
+DEBUG_EVENTS = frozenset({"probe_inconclusive", "quic_connected", "dht_rejoin",
+                          # The sampled per-request trace (dht/rpc.py), on at debug only.
+                          "rpc_request", "rpc_reply", "rpc_log_suppressed"})
 
 
 def log_event(name: str, fields: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ reachability) and to services plugged in from outside (``dhtnode.connect``). It 
 * the **token issuer** (``crypto/tokens.py``): one secret for write tokens and address proofs,
   shared by the RPC layer (answer budgets), storage (writes) and services (introductions);
 * the node's **standing** (client or server, reachable, public address), written only by
-  ``dht/node.py`` and read by everyone else.
+  ``dht/node.py`` and read by everyone else;
+* **our id as a peer must see it** (:meth:`NodeContext.id_for`): a dual-stack node's id is
+  bound to one address per family, since a receiver checks it against the source it saw.
 
 Must not decide anything about the protocol; it is plumbing.
 """
@@ -28,6 +30,7 @@ from typing import Any
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.crypto.tokens import TokenIssuer
+from dhtnode.dht.ids import node_id_for
 from dhtnode.dht.routing import RoutingTable
 from dhtnode.dht.sent import SentMemory
 from dhtnode.dht.timers import Timer, TimerQueue
@@ -107,6 +110,11 @@ class NodeContext:
         self.timers = TimerQueue()
         self.sent_to = SentMemory()
         self.observer = AddressObserver()
+        #: A node with a fixed public address (a bootstrap node) knows it in one family only;
+        #: its address in the other family is learned here, for the id it shows that family.
+        self.other_family = AddressObserver()
+        #: The last id computed for a public address other than ``standing.public``.
+        self._other_id: tuple[Address | None, bytes | None] = (None, None)
         self.standing = Standing()
         #: Rebuilt (new local id) when the node starts or stops serving; read it afresh.
         self.table = table
@@ -115,6 +123,33 @@ class NodeContext:
     def node_id(self) -> bytes | None:
         """Our id while serving (bound to our public address); None while a client."""
         return self.table.local_id if self.standing.server else None
+
+    def id_for(self, peer: Address) -> bytes | None:
+        """The id to put in a message to ``peer``, while serving: ``H(our public address in
+        peer's family)``, since the receiver checks the id against the address the datagram
+        came from. The table's own id follows the primary (IPv4) address; a dual-stack node
+        reached over IPv6 shows the id of its IPv6 address, and none (as a client would) while
+        it does not know that address yet: an id of the other family is dropped as bad."""
+        local = self.node_id
+        public = self.standing.public
+        if local is None or public is None:
+            return local
+        v6 = ":" in peer[0]
+        if (":" in public[0]) is v6:
+            return local
+        for addr in self.observer.public_addresses + self.other_family.public_addresses:
+            if (":" in addr[0]) is v6:
+                known, nid = self._other_id
+                if known != addr:
+                    nid = node_id_for(addr)
+                    self._other_id = (addr, nid)
+                return nid
+        return None
+
+    def own_address(self, addr: Address) -> bool:
+        """Is ``addr`` one of our public addresses (any family)?"""
+        return (addr == self.standing.public or addr in self.observer.public_addresses
+                or addr in self.other_family.public_addresses)
 
     def send(self, data: bytes, addr: Address) -> None:
         """Queue a datagram on the node's socket. Every destination is remembered: once we

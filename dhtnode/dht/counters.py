@@ -35,6 +35,7 @@ COUNTERS: tuple[str, ...] = (
     "drop_introduce_rate",
     "drop_malformed",
     "drop_no_handler",
+    "drop_other_network",
     "drop_over_budget",
     "drop_oversized",
     "drop_probe",

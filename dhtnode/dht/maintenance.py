@@ -11,6 +11,8 @@ Must not decide the node's standing (``node.py``) or touch records (``storage.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dhtnode.crypto import tokens
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.ids import node_id_for
@@ -43,6 +45,9 @@ class Maintenance:
         self._grow_delay = FIRST_GROW_DELAY
         self._verify_budget = TokenBucket(VERIFY_RATE, VERIFY_BURST, ctx.now)
         self._verifying: dict[Address, float] = {}
+        #: The table is empty and the next growth lookup falls back to the seeds: the driver
+        #: may refresh them first (the daemon re-resolves bootstrap names; ``DhtNode.on_rejoin``).
+        self.on_rejoin: Callable[[], None] = lambda: None
         rpc.register(m.Command.PING, self._on_ping)
         rpc.register(m.Command.FIND_NODE, self._on_find_node)
         ctx.call_later(ctx.params.bucket_refresh / 4, self._refresh_buckets)
@@ -59,8 +64,8 @@ class Maintenance:
         if claimed_id != node_id_for(source):
             ctx.stats["drop_bad_id"] += 1
             return
-        if source == ctx.standing.public:
-            return
+        if ctx.own_address(source):
+            return  # ourselves, through our address of the other family
         if not answered:
             if not ctx.table.touch(source, ctx.now):
                 self._verify(claimed_id, source)
@@ -127,6 +132,7 @@ class Maintenance:
         ctx = self._ctx
         rpc = self._rpc
         packed = [c.packed for c in self.closer_contacts(req.target, source)]
+        node_id = ctx.id_for(source)
         # The hot path of Rpc.respond: an unproven source gets a token (its next request is
         # proven) and the nearest nodes its amplification budget allows (requesters pad a
         # first request so that all k fit); an aging token is refreshed.
@@ -135,7 +141,9 @@ class Maintenance:
         if proof == tokens.INVALID:
             # Nodes are of the requester's family: all as long as its own address.
             alen = wire_address.compact_len(source)
-            fixed = m.HEADER_LEN + alen + (32 if ctx.node_id else 0) + 1 + tokens.TOKEN_LEN + 1
+            fixed = m.HEADER_LEN + alen + (32 if node_id else 0) + 1 + tokens.TOKEN_LEN + 1
+            if ctx.params.network is not None:
+                fixed += m.NETWORK_ID_LEN
             budget = rpc.answer_budget(req, source, proof)
             if budget < fixed:
                 # Our PING to verify it took most of the budget: no room for a token either.
@@ -148,7 +156,8 @@ class Maintenance:
             if fit < len(packed):
                 ctx.stats["answer_trimmed"] += 1
                 del packed[fit:]
-        data = m.encode_nodes_response(req.command, req.tid, source, ctx.node_id, packed, token)
+        data = m.encode_nodes_response(req.command, req.tid, source, node_id, packed, token,
+                                       ctx.params.network)
         ctx.send(data, source)
 
     def _refresh_buckets(self) -> None:
@@ -167,6 +176,9 @@ class Maintenance:
         if ctx.standing.closed:
             return
         if len(ctx.table) < ctx.params.k:
+            if len(ctx.table) == 0:
+                ctx.emit("dht_rejoin", seeds=len(self._queries.seeds))
+                self.on_rejoin()
             self._queries.run(ctx.table.local_id, m.Command.FIND_NODE)
             self._grow_delay = min(self._grow_delay * 2, ctx.params.rejoin_interval)
         else:

@@ -72,6 +72,12 @@ class DhtParams:
     #: Longest interval between self-lookups while the routing table has fewer than k nodes
     #: (the first comes after 2 s and the interval doubles up to this).
     rejoin_interval: float = 30.0
+    #: Our network's id (``wire.messages.network_id``), carried by every DHT message we send;
+    #: messages of another network are dropped. None: the public network (no id on the wire).
+    network: bytes | None = None
+    #: Emit sampled ``rpc_request`` / ``rpc_reply`` events (``dht/rpc.py``): the daemon turns
+    #: this on at log level debug.
+    rpc_trace: bool = False
 
 
 class Service:
@@ -151,6 +157,12 @@ class DhtNode:
         self.rpc.on_failure = self._request_failed
         self.queries.on_nodes = self.reachability.nodes_heard
         self.reachability.on_verdict = self._set_reachable
+        #: Called when the routing table is empty and the node rejoins through its seeds (a
+        #: growth tick, at most every ``rejoin_interval``). Sans-I/O: a driver that knows where
+        #: seeds come from (the daemon re-resolves bootstrap names) replaces ``queries.seeds``
+        #: and may call :meth:`bootstrap` again.
+        self.on_rejoin: Callable[[], None] = lambda: None
+        self.maintenance.on_rejoin = lambda: self.on_rejoin()
 
     def register(self, service: Service) -> None:
         """Plug a service in: its commands and first-byte ranges route to it from now on."""
@@ -244,7 +256,13 @@ class DhtNode:
                 ctx.stats["drop_oversized"] += 1
                 return True
             try:
-                self.rpc.receive(m.decode(data), source)
+                msg = m.decode(data)
+                if msg.network != ctx.params.network:
+                    # A node of another network (a test swarm, or the public one): never
+                    # answered and never learned from, so two networks cannot merge.
+                    ctx.stats["drop_other_network"] += 1
+                    return True
+                self.rpc.receive(msg, source)
             except DecodeError:
                 # Also bodies (records, withdrawals, addresses), which handlers decode lazily.
                 ctx.stats["drop_malformed"] += 1
@@ -274,9 +292,24 @@ class DhtNode:
         known = self.queries.seeds
         known.extend(s for s in seeds if s not in known)
         op: Op[int] = Op()
+        retried = False
 
-        def joined(_: Op[Lookup]) -> None:
+        def walk() -> None:
+            self.queries.run(
+                self.ctx.table.local_id, m.Command.FIND_NODE, extra=known
+            ).add_done_callback(joined)
+
+        def joined(done: Op[Lookup]) -> None:
+            nonlocal retried
             ctx = self.ctx
+            if len(ctx.table) == 0 and not retried and done.result().closest_responded(1):
+                # Answers came, but none with an id we could check: a seed that serves in one
+                # address family, reached in its other one, first learns its address there
+                # (it pings us, reachability.py) and only then shows the id we can verify
+                # (ctx.id_for). One more walk, at once: its ping reached us before its answer.
+                retried = True
+                walk()
+                return
             ctx.emit("dht_joined", table_size=len(ctx.table))
             if not self._checks_started and not ctx.standing.ephemeral:
                 self._checks_started = True
@@ -284,9 +317,7 @@ class DhtNode:
                 self.maintenance.start_growing()
             op.set_result(len(ctx.table))
 
-        self.queries.run(
-            self.ctx.table.local_id, m.Command.FIND_NODE, extra=known
-        ).add_done_callback(joined)
+        walk()
         return op
 
     def find_node(self, target: bytes) -> Op[list[Address]]:
@@ -360,8 +391,14 @@ class DhtNode:
 
     def _response_seen(self, source: Address, resp: m.Response) -> None:
         ctx = self.ctx
-        if ctx.standing.fixed_public is None and ctx.observer.add(source, resp.to):
-            self._on_address_change()
+        fixed = ctx.standing.fixed_public
+        if fixed is None:
+            if ctx.observer.add(source, resp.to):
+                self._on_address_change()
+        elif (":" in resp.to[0]) is not (":" in fixed[0]):
+            # A fixed address covers one family; our address in the other one is learned, for
+            # the id peers of that family must see (ctx.id_for).
+            ctx.other_family.add(source, resp.to)
         if resp.id is not None:
             self.maintenance.seen(resp.id, source)
 

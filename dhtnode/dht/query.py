@@ -56,7 +56,11 @@ class Queries:
         ctx = self._ctx
         k = ctx.params.k
         public = ctx.standing.public
-        lk = Lookup(target, k=k, alpha=ctx.params.alpha, exclude={public} if public else set())
+        # Never ourselves, under any of our addresses (a dual-stack node has one per family).
+        own = {*ctx.observer.public_addresses, *ctx.other_family.public_addresses}
+        if public is not None:
+            own.add(public)
+        lk = Lookup(target, k=k, alpha=ctx.params.alpha, exclude=own)
         lk.add_candidates(c.addr for c in ctx.table.closest(target, k))
         lk.add_candidates(extra)
         if len(ctx.table) == 0:

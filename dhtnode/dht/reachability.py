@@ -448,7 +448,8 @@ class Reachability:
         self._probes_this_tick += 1
         ctx.stats["forward_probe_sent"] += 1
         self._rpc.respond(req, source)
-        probe = m.Request(m.Command.PROBE, ctx.secret_u32(), None, None, None, nonce)
+        probe = m.Request(m.Command.PROBE, ctx.secret_u32(), None, None, None, nonce,
+                          network=ctx.params.network)
         # Like any send, this opens our own NAT to the target: its later traffic is solicited.
         ctx.send(m.encode_request(probe), target)
 

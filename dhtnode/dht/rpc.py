@@ -21,6 +21,15 @@ request is proven. On the requesting side every matched answer's token is kept
 large answer before it holds a token pads its request instead (``expect``), as QUIC pads its
 first packet.
 
+**Debug trace** (``params.rpc_trace``, on at log level debug): an ``rpc_request`` event for
+every request received (command, peer, what we did: ``answered``, ``trimmed``, ``error:NAME``,
+``over_budget``, or ``unanswered``, which includes answers a handler sends later) and an
+``rpc_reply`` event for every answer to, or timeout of, a request of ours (command, peer,
+``ok`` / ``more`` / ``error:NAME`` / ``timeout``, rtt). Sampled by a token bucket
+(:data:`RPC_LOG_RATE`), so that a flood cannot fill a disk; what it leaves out is counted in
+an ``rpc_log_suppressed`` event every :data:`RPC_LOG_REPORT_INTERVAL`. Off, it costs one
+attribute test per datagram.
+
 Must not know what any command means.
 """
 
@@ -34,6 +43,7 @@ from typing import Any
 from dhtnode.crypto import tokens
 from dhtnode.dht.context import NodeContext
 from dhtnode.dht.op import NoAnswer, Op
+from dhtnode.dht.ratelimit import TokenBucket
 from dhtnode.dht.timers import Timer
 from dhtnode.wire import address as wire_address
 from dhtnode.wire import messages as m
@@ -57,6 +67,13 @@ PEER_TOKEN_TTL = 2 * tokens.ROTATE_INTERVAL
 #: Seconds a peer that answered one of our requests counts as one we deal with (helpers and
 #: listeners act only for such peers): as long as the sent-to memory (``dht/sent.py``).
 ANSWERED_TTL = 600.0
+#: Debug trace events (``rpc_request``, ``rpc_reply``) per second at most: a flood of 50k
+#: requests per second must not become 50k log lines per second.
+RPC_LOG_RATE = 20.0
+#: ... and in a burst (a lookup's dozen exchanges all show).
+RPC_LOG_BURST = 20.0
+#: Seconds between ``rpc_log_suppressed`` events, which count the trace events left out.
+RPC_LOG_REPORT_INTERVAL = 10.0
 
 #: A request handler: (request, source address).
 Handler = Callable[[m.Request, Address], None]
@@ -116,6 +133,12 @@ class Rpc:
         self._proved: tuple[m.Request | None, int] = (None, tokens.INVALID)
         #: The last request that made the taps send to its source, and those bytes on the wire.
         self._spent: tuple[m.Request | None, int] = (None, 0)
+        #: Debug trace: its budget, what it left out since the last report, the report timer,
+        #: and what :meth:`respond` did with the last request it answered.
+        self._log_budget = TokenBucket(RPC_LOG_RATE, RPC_LOG_BURST, ctx.now)
+        self._log_suppressed = 0
+        self._log_report: Timer | None = None
+        self._outcome: tuple[m.Request | None, str] = (None, "")
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -167,7 +190,8 @@ class Rpc:
         tid = self._next_tid()
         if token is None:
             token = self.peer_token(addr)
-        req = m.Request(command, tid, None if anonymous else ctx.node_id, target, token, value)
+        req = m.Request(command, tid, None if anonymous else ctx.id_for(addr), target, token,
+                        value, network=ctx.params.network)
         if expect and token is None:
             overhead = wire_address.datagram_overhead(addr)
             need = -(-(expect + overhead) // AMPLIFICATION_LIMIT) - overhead
@@ -208,17 +232,25 @@ class Rpc:
         proof = self.proof(req, to)
         if proof != tokens.CURRENT and fields.get("token") is None:
             fields["token"] = ctx.tokens.issue(to, ctx.now)
-        resp = m.Response(req.command, req.tid, to, ctx.node_id, **fields)
+        resp = m.Response(req.command, req.tid, to, ctx.id_for(to), network=ctx.params.network,
+                          **fields)
         data = m.encode_response(resp)
+        outcome = "answered"
         if proof == tokens.INVALID and (len(data) > SMALLEST_BUDGET or self._spent[0] is req):
             budget = self.answer_budget(req, to, proof)
             if len(data) > budget:
                 fitted = _fit(resp, len(data) - budget)
                 if fitted is None:
                     ctx.stats["drop_over_budget"] += 1
+                    if ctx.params.rpc_trace:
+                        self._outcome = (req, "over_budget")
                     return
                 ctx.stats["answer_trimmed"] += 1
                 data = fitted
+                outcome = "trimmed"
+        if ctx.params.rpc_trace:
+            error = fields.get("error")
+            self._outcome = (req, outcome if error is None else f"error:{_error_name(error)}")
         ctx.send(data, to)
 
     # ------------------------------------------------------------------ address validation
@@ -305,6 +337,8 @@ class Rpc:
             return
         del self._pending[tid]
         ctx.stats["request_timeout"] += 1
+        if ctx.params.rpc_trace:
+            self._trace_reply(p, None)
         if p.slow_timer is not None:
             p.slow_timer.cancel()
         self.on_failure(p.addr)
@@ -330,6 +364,8 @@ class Rpc:
         if p.slow_timer is not None:
             p.slow_timer.cancel()
         self._ctx.stats["rx_response"] += 1
+        if self._ctx.params.rpc_trace:
+            self._trace_reply(p, resp)
         rtt = self._ctx.now - p.sent_at
         if self.on_rtt is not None:
             self.on_rtt(p.command, rtt)
@@ -354,8 +390,67 @@ class Rpc:
         handler = self._handlers.get(req.command)
         if handler is None:
             self.respond(req, source, error=m.ErrorCode.UNKNOWN_COMMAND)
+        else:
+            handler(req, source)
+        if ctx.params.rpc_trace:
+            self._trace_request(req, source, mark)
+
+    # ------------------------------------------------------------------ debug trace
+
+    def _trace_request(self, req: m.Request, source: Address, mark: int) -> None:
+        """``rpc_request``: what we did with ``req`` (its handler has run). ``mark``: the
+        send queue's length before its taps and handler ran."""
+        if not self._log_take():
             return
-        handler(req, source)
+        last, outcome = self._outcome
+        if last is not req:
+            # Not through respond() (FIND_NODE's hot path sends itself), or not yet.
+            sent = any(a == source for _, a in self._ctx.out[mark:])
+            outcome = "answered" if sent else "unanswered"
+        self._ctx.emit("rpc_request", command=req.command.name, peer=_shown(source),
+                       outcome=outcome)
+
+    def _trace_reply(self, p: _Pending, resp: m.Response | None) -> None:
+        """``rpc_reply``: how a request of ours ended (``resp`` None: it timed out)."""
+        if not self._log_take():
+            return
+        if resp is None:
+            outcome = "timeout"
+        elif resp.error is not None:
+            outcome = f"error:{_error_name(resp.error)}"
+        else:
+            outcome = "more" if resp.more else "ok"
+        self._ctx.emit("rpc_reply", command=p.command.name, peer=_shown(p.addr),
+                       outcome=outcome, rtt_ms=round((self._ctx.now - p.sent_at) * 1000, 2))
+
+    def _log_take(self) -> bool:
+        """May a trace event go out now? Else count it for the next suppression report."""
+        ctx = self._ctx
+        if self._log_budget.take(ctx.now):
+            return True
+        self._log_suppressed += 1
+        if self._log_report is None:
+            self._log_report = ctx.call_later(RPC_LOG_REPORT_INTERVAL, self._report_suppressed)
+        return False
+
+    def _report_suppressed(self) -> None:
+        self._log_report = None
+        if self._log_suppressed:
+            self._ctx.emit("rpc_log_suppressed", count=self._log_suppressed,
+                           seconds=RPC_LOG_REPORT_INTERVAL)
+            self._log_suppressed = 0
+
+
+def _shown(addr: Address) -> str:
+    return wire_address.format_addr(addr)
+
+
+def _error_name(code: int) -> str:
+    """An error code's name for the trace (``bad_token``), or its number if unknown."""
+    try:
+        return m.ErrorCode(code).name.lower()
+    except ValueError:
+        return str(code)
 
 
 def _fit(resp: m.Response, excess: int) -> bytes | None:

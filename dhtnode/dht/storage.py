@@ -82,7 +82,8 @@ class Storage:
             ctx.stats["lookup_records_withheld"] += 1
             self._rpc.respond(req, source, token=token, nodes=nodes, more=True)
             return
-        base = m.Response(req.command, req.tid, source, ctx.node_id, token, nodes)
+        base = m.Response(req.command, req.tid, source, ctx.id_for(source), token, nodes,
+                          network=ctx.params.network)
         budget = m.MAX_SEND_SIZE - len(m.encode_response(base)) - 3
         # A busy topic holds more than one answer fits: each answer is a fresh random share,
         # so that a lookup, which asks k storers, collects nearly all of it (not k copies of

@@ -3,6 +3,7 @@
 Request (first byte 0x10)::
 
     u8 type=0x10 | u8 version=1 | u8 flags | u8 command | u32 tid
+    [4 network]      if flags & F_NETWORK the sender's network id; absent: the public network
     [32 id]          if flags & F_ID      sender is a server; id must equal H(source address)
     [32 target]      if flags & F_TARGET
     [u8 n, n token]  if flags & F_TOKEN   (n <= 32)
@@ -13,6 +14,7 @@ Request (first byte 0x10)::
 Response (first byte 0x11)::
 
     u8 type=0x11 | u8 version=1 | u8 flags | u8 command | u32 tid
+    [4 network]      if flags & F_NETWORK as in requests
     compact address  "to": the requester's address as this responder saw it (always present)
     [32 id]          if flags & F_ID      responder is a server; id == H(responder address)
     [u8 n, n token]  if flags & F_TOKEN
@@ -25,12 +27,16 @@ Response (first byte 0x11)::
 All integers are big-endian. Any trailing byte, unknown flag bit, unknown version or
 out-of-range length is a :class:`MessageError`; decoders raise nothing else.
 
+The network id is carried, not judged: :func:`decode` exposes it as ``network`` and the engine
+drops messages of another network (``dht/node.py``); :func:`network_id` derives it from a name.
+
 This module owns only the byte layout. What a command means lives in ``dhtnode.dht``.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -57,12 +63,33 @@ F_PAD = 0x10  # requests only
 F_NODES = 0x10  # responses only
 F_ERROR = 0x20  # responses only
 F_MORE = 0x40  # responses only
-_REQUEST_FLAGS = F_ID | F_TARGET | F_TOKEN | F_VALUE | F_PAD
-_RESPONSE_FLAGS = F_ID | F_TOKEN | F_VALUE | F_NODES | F_ERROR | F_MORE
+#: Both directions: a network id follows the header (a network other than the public one).
+F_NETWORK = 0x80
+_REQUEST_FLAGS = F_ID | F_TARGET | F_TOKEN | F_VALUE | F_PAD | F_NETWORK
+_RESPONSE_FLAGS = F_ID | F_TOKEN | F_VALUE | F_NODES | F_ERROR | F_MORE | F_NETWORK
 #: Bytes of the fixed request/response header (type, version, flags, command, tid).
 HEADER_LEN = 8
 
 _HEADER = struct.Struct(">BBBBI")
+
+#: Bytes of a network id (F_NETWORK). 32 bits: two test swarms picking names collide with
+#: odds of one in four billion, and every message of a private network pays only 4 bytes.
+NETWORK_ID_LEN = 4
+#: The network name that sends no network id (the flag clear): the public network, so its
+#: packets and every deployment from before networks existed stay byte for byte the same.
+PUBLIC_NETWORK = "public"
+#: Domain separation of the network id hash, so it never equals another hash of the name.
+_NETWORK_PERSON = b"dhtnode-network:"
+
+
+def network_id(name: str) -> bytes | None:
+    """The id of the network called ``name``: None for :data:`PUBLIC_NETWORK` (no F_NETWORK),
+    else the first :data:`NETWORK_ID_LEN` bytes of BLAKE2b-256(``"dhtnode-network:"`` ||
+    UTF-8 name)."""
+    if name == PUBLIC_NETWORK:
+        return None
+    digest = hashlib.blake2b(_NETWORK_PERSON + name.encode("utf-8"), digest_size=32).digest()
+    return digest[:NETWORK_ID_LEN]
 
 
 class MessageError(DecodeError):
@@ -114,6 +141,8 @@ class Request:
     value: bytes | None = None
     #: Bytes of padding (sent as zeros, ignored when received).
     pad: int = 0
+    #: The sender's network id (:func:`network_id`); None: the public network.
+    network: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +157,16 @@ class Response:
     value: bytes | None = None
     #: Something was withheld from an unproven requester (echo the token to get it).
     more: bool = False
+    #: The responder's network id (:func:`network_id`); None: the public network.
+    network: bytes | None = None
 
 
 def request_size(req: Request) -> int:
     """Bytes of ``req`` on the wire (DHT payload only), from its fields: the layout has no
     optional byte that the fields do not account for."""
     size = HEADER_LEN
+    if req.network is not None:
+        size += NETWORK_ID_LEN
     if req.id is not None:
         size += 32
     if req.target is not None:
@@ -150,6 +183,9 @@ def request_size(req: Request) -> int:
 def encode_request(req: Request) -> bytes:
     flags = 0
     parts: list[bytes] = []
+    if req.network is not None:
+        flags |= F_NETWORK
+        parts.append(_check_network(req.network))
     if req.id is not None:
         flags |= F_ID
         parts.append(_check_key(req.id, "id"))
@@ -171,7 +207,11 @@ def encode_request(req: Request) -> bytes:
 
 def encode_response(res: Response) -> bytes:
     flags = 0
-    parts: list[bytes] = [wire_address.encode(res.to)]
+    parts: list[bytes] = []
+    if res.network is not None:
+        flags |= F_NETWORK
+        parts.append(_check_network(res.network))
+    parts.append(wire_address.encode(res.to))
     if res.id is not None:
         flags |= F_ID
         parts.append(_check_key(res.id, "id"))
@@ -203,12 +243,17 @@ def encode_nodes_response(
     node_id: bytes | None,
     packed_nodes: list[bytes],
     token: bytes | None = None,
+    network: bytes | None = None,
 ) -> bytes:
     """``encode_response`` of a plain nodes answer (FIND_NODE), for the hot path: the node
     addresses arrive already in compact form. Same bytes as the general encoder."""
     if len(packed_nodes) > MAX_NODES:
         raise ValueError(f"at most {MAX_NODES} nodes per response")
     flags = F_NODES
+    head_network = b""
+    if network is not None:
+        flags |= F_NETWORK
+        head_network = _check_network(network)
     head_id = b""
     if node_id is not None:
         flags |= F_ID
@@ -219,8 +264,8 @@ def encode_nodes_response(
         head_token = _short_bytes(token)
     head = _HEADER.pack(DHT_RESPONSE, PROTOCOL_VERSION, flags, int(command), tid)
     return b"".join(
-        (head, wire_address.encode(to), head_id, head_token, bytes((len(packed_nodes),)),
-         *packed_nodes)
+        (head, head_network, wire_address.encode(to), head_id, head_token,
+         bytes((len(packed_nodes),)), *packed_nodes)
     )
 
 
@@ -236,6 +281,9 @@ def decode(data: bytes) -> Request | Response:
     if command not in _COMMANDS:
         raise MessageError(f"unknown command {command}")
     pos = _HEADER.size
+    network = None
+    if flags & F_NETWORK:
+        network, pos = _take(data, pos, NETWORK_ID_LEN)
     if kind == DHT_REQUEST:
         if flags & ~_REQUEST_FLAGS:
             raise MessageError("unknown request flag")
@@ -254,7 +302,7 @@ def decode(data: bytes) -> Request | Response:
             _, pos = _take_long(data, pos)  # the content is ignored
             pad = pos - start - 2
         _end(data, pos)
-        return Request(Command(command), tid, rid, target, token, value, pad)
+        return Request(Command(command), tid, rid, target, token, value, pad, network)
     if kind == DHT_RESPONSE:
         if flags & ~_RESPONSE_FLAGS:
             raise MessageError("unknown response flag")
@@ -293,7 +341,8 @@ def decode(data: bytes) -> Request | Response:
             value, pos = _take_long(data, pos)
         _end(data, pos)
         return Response(
-            Command(command), tid, to, rid, token, nodes, error, value, bool(flags & F_MORE)
+            Command(command), tid, to, rid, token, nodes, error, value, bool(flags & F_MORE),
+            network,
         )
     raise MessageError(f"first byte 0x{kind:02x} is not a DHT message")
 
@@ -302,6 +351,12 @@ def _check_key(key: bytes, name: str) -> bytes:
     if len(key) != 32:
         raise ValueError(f"{name} must be 32 bytes")
     return key
+
+
+def _check_network(network: bytes) -> bytes:
+    if len(network) != NETWORK_ID_LEN:
+        raise ValueError(f"a network id must be {NETWORK_ID_LEN} bytes")
+    return network
 
 
 def _short_bytes(b: bytes) -> bytes:
