@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from dhtnode.dht.maintenance import FIRST_GROW_DELAY
 from tests.netlab import Lab, lab_available
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -29,6 +30,18 @@ HOSTS = 4
 SERVERS_PER_HOST = 7
 #: Seconds netcheck waits for the reachability check.
 WAIT = "20"
+#: Seconds all the servers get to start and join: 28 Python processes take a while on a loaded
+#: 2-core machine (a fixed 8 s sleep was too short there). Polled: a quick start is not slowed.
+START_TIMEOUT = 120.0
+#: Seconds after the last join, so that the first self-lookups (FIRST_GROW_DELAY after joining)
+#: have run: requests that echo the seeds' tokens make their senders proven requesters, the
+#: helpers whose probes measure filtering. Twice the delay, for jitter and load.
+SETTLE = 2 * FIRST_GROW_DELAY
+
+
+def all_joined(states: list[Path]) -> bool:
+    """Every daemon logged bootstrap_done (started, and its join lookup ended)."""
+    return all('"bootstrap_done"' in (s / "log").read_text(errors="replace") for s in states)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +52,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, list[
     tmp = tmp_path_factory.mktemp("labnc")
     lab = Lab()
     procs: list[subprocess.Popen[bytes]] = []
+    states: list[Path] = []
     try:
         lab.start()
         pubs = [lab.host(f"p{i}", kind="open") for i in range(HOSTS)]
@@ -47,6 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, list[
                                       for j in range(SERVERS_PER_HOST)):
             state = tmp / f"d{i}"
             state.mkdir(mode=0o700)
+            states.append(state)
             args = ["--bootstrap-node", "--public-host", h.ip]
             if i:
                 args += ["--bootstrap", first]
@@ -56,7 +71,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, list[
                  "--log-format", "json", *args],
                 stdout=subprocess.DEVNULL, stderr=(state / "log").open("wb")))
             time.sleep(0.2 if i == 0 else 0.0)
-        time.sleep(8)  # all joined
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all_joined(states):
+            assert time.monotonic() < deadline, [s.name for s in states
+                                                 if '"bootstrap_done"' not in
+                                                 (s / "log").read_text(errors="replace")]
+            time.sleep(0.2)
+        time.sleep(SETTLE)
         seeds = [first, f"{pubs[0].ip}:49201", f"{pubs[1].ip}:49200"]
         yield lab, seeds, tmp
     finally:

@@ -21,12 +21,37 @@ from typing import Any
 import pytest
 
 from dhtnode.daemon import control
+from dhtnode.dht import reachability
+from dhtnode.nat import behaviour
 from tests.netlab import Lab, running_lab
 from tests.procs import stop
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 PORT = 49200
+#: Seconds for a daemon to start (Python imports: several seconds on a loaded 2-core machine)
+#: and join. Every wait polls, so a quick start is not slowed down by a generous bound.
+START_TIMEOUT = 60.0
+#: Largest factor reachability.py's jitter stretches a check delay by (uniform 0.75-1.25).
+MAX_JITTER = 1.25
+#: Reachability checks a public non-bootstrap node gets to prove itself. In a network this
+#: small each check succeeds only by chance (about one in two: its contact picks one helper at
+#: random among the two NATed nodes, and only the symmetric one always helps), so the wait is
+#: counted in checks, not seconds: seven leave under 1% (1 in 2**7) to chance.
+PROOF_CHECKS = 7
+#: Lines of a daemon's log shown when a wait for it fails.
+LOG_TAIL = 15
+
+
+def checks_end(n: int) -> float:
+    """Seconds after joining by which a node's first ``n`` reachability checks have ended, at
+    the slowest jitter: reachability.py waits FIRST_CHECK_DELAY, then FIRST_CHECK_RETRY
+    doubling up to MAX_CHECK_RETRY, between checks, and each check waits PROBE_WAIT."""
+    t, delay, retry = 0.0, reachability.FIRST_CHECK_DELAY, reachability.FIRST_CHECK_RETRY
+    for _ in range(n):
+        t += delay * MAX_JITTER + reachability.PROBE_WAIT
+        delay, retry = retry, min(retry * 2, reachability.MAX_CHECK_RETRY)
+    return t
 
 
 @pytest.fixture
@@ -47,10 +72,23 @@ class Node:
         )
 
     def status(self) -> dict[str, Any]:
-        return self.call("status")
+        st: dict[str, Any] = self.call("status")
+        return st
 
     def call(self, cmd: str, **kw: Any) -> Any:
-        return asyncio.run(control.request(self.state / "control.sock", cmd, timeout=15, **kw))
+        # The CLI's own bound: an announce through the daemon is a lookup plus a state save.
+        return asyncio.run(control.request(self.state / "control.sock", cmd,
+                                           timeout=control.CLIENT_TIMEOUT, **kw))
+
+    def why(self) -> str:
+        """For a failed wait: the daemon's status (or why there is none) and its log's end;
+        never raises, so that it cannot hide the failure it explains."""
+        try:
+            shown = json.dumps({k: v for k, v in self.status().items() if k != "stats"})
+        except control.ControlError as exc:
+            shown = f"no status: {exc}"
+        tail = (self.state / "log").read_text(errors="replace").splitlines()[-LOG_TAIL:]
+        return "\n".join([f"{self.state.name}: {shown}", *tail])
 
     def stop(self) -> None:
         stop(self.p)
@@ -58,6 +96,8 @@ class Node:
 
 
 def wait_for(cond: Any, timeout: float) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` s pass (False); a daemon not yet
+    answering on its control socket counts as not yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -85,28 +125,44 @@ def test_public_nodes_serve_and_natted_nodes_are_classified(lab: Lab, tmp_path: 
         pub3 = Node(ns3, tmp_path / "pub3", "--bootstrap-node", "--public-host", ip3,
                     "--bootstrap", f"{ip1}:{PORT}")
         nodes += [pub1, pub3]
-        assert wait_for(lambda: pub1.status()["server"] and pub3.status()["server"], 10)
-        pub2 = Node(ns2, tmp_path / "pub2", *boot)
+        assert wait_for(lambda: pub1.status()["server"] and pub3.status()["server"],
+                        START_TIMEOUT), pub1.why() + "\n" + pub3.why()
         home = Node(nsa, tmp_path / "home", *boot)
         sym = Node(nsb, tmp_path / "sym", *boot)
-        nodes += [pub2, home, sym]
-
-        assert wait_for(lambda: pub2.status()["server"], 40), json.dumps(pub2.status())
-        assert pub2.status()["public_address"] == f"{ip2}:{PORT}"
+        nodes += [home, sym]
 
         # The home NAT keeps the port (endpoint-independent mapping) and filters strangers.
-        assert wait_for(lambda: home.status()["nat_class"] == "consistent", 40), home.status()
+        assert wait_for(lambda: home.status()["nat_class"] == "consistent",
+                        START_TIMEOUT), home.why()
         st = home.status()
         assert st["public_address"] == f"{wan_a}:{PORT}"
         assert st["server"] is False and st["node_id"] is None
+        assert st["nat_mapping"] == behaviour.ENDPOINT_INDEPENDENT, st
         # The symmetric NAT gives every destination another port.
-        assert wait_for(lambda: sym.status()["nat_class"] == "random", 40), sym.status()
-        assert sym.status()["server"] is False
+        assert wait_for(lambda: sym.status()["nat_class"] == "random", START_TIMEOUT), sym.why()
+        st = sym.status()
+        assert st["server"] is False and st["nat_mapping"] == behaviour.ENDPOINT_DEPENDENT, st
+
+        # pub2 joins a network whose NATed nodes are settled, as a public node usually does:
+        # they are its likely helpers (it has talked to both bootstrap nodes itself).
+        pub2 = Node(ns2, tmp_path / "pub2", *boot)
+        nodes.append(pub2)
+        assert wait_for(lambda: pub2.status()["routing_table_size"] > 0,
+                        START_TIMEOUT), pub2.why()
+        assert wait_for(lambda: pub2.status()["server"], checks_end(PROOF_CHECKS)), pub2.why()
+        st = pub2.status()
+        assert st["public_address"] == f"{ip2}:{PORT}"
+        # Proven by a stranger's probe: the RFC 4787 words status shows beside nat_class.
+        assert (st["nat_mapping"], st["nat_filtering"]) == (
+            behaviour.ENDPOINT_INDEPENDENT, behaviour.ENDPOINT_INDEPENDENT), st
 
         # Give the home node time for a few reachability checks: it must stay a client.
         time.sleep(6)
         st = home.status()
         assert st["reachable"] is False and st["server"] is False, st
+        # Its checks prove nothing either way (its probes come from servers it talked to,
+        # which its NAT lets in) or prove filtering: never "endpoint-independent".
+        assert st["nat_filtering"] in (behaviour.UNKNOWN, behaviour.FILTERING_STRICT), st
         for n in (pub1, pub2, pub3):
             known = n.call("nodes")["nodes"]
             assert not any(a.startswith((wan_a, wan_b)) for a in known), known

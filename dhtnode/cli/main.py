@@ -196,6 +196,7 @@ def _control_path(args: argparse.Namespace) -> Path:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dhtnode.daemon import control
+    from dhtnode.nat.behaviour import UNKNOWN
 
     path = _control_path(args)
     st = asyncio.run(control.request(path, "status"))
@@ -203,9 +204,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         [
             f"node id:        {st['node_id'] or '(none: client mode)'}",
             f"public key:     {st['public_key']}",
+            f"network:        {st.get('network', 'public')}",
             f"bind address:   {st['bind_address']}",
             f"public address: {st['public_address'] or '(not yet known)'}",
             f"NAT class:      {st['nat_class']}",
+            # .get: a daemon started before these keys existed still answers status.
+            f"NAT mapping:    {st.get('nat_mapping', UNKNOWN)}",
+            f"NAT filtering:  {st.get('nat_filtering', UNKNOWN)}",
             f"reachable:      {'yes' if st['reachable'] else 'no'}",
             f"serving:        {'yes' if st['server'] else 'no'}",
             f"routing table:  {st['routing_table_size']} nodes",

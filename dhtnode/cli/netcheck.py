@@ -34,6 +34,16 @@ from dhtnode.cli.common import (
     setup_logging,
 )
 from dhtnode.errors import DhtnodeError
+from dhtnode.nat.behaviour import (
+    ADDRESS_AND_PORT_DEPENDENT,
+    ADDRESS_DEPENDENT,
+    ENDPOINT_DEPENDENT,
+    ENDPOINT_INDEPENDENT,
+    FILTERING_STRICT,
+    MAPPING_NONE,
+    UNKNOWN,
+    VARYING_MAPPINGS,
+)
 from dhtnode.wire.address import Address, format_addr
 
 #: DHT nodes besides the bootstrap nodes asked how they see us.
@@ -41,15 +51,12 @@ EXTRA_PINGS = 6
 #: Seconds to wait for the reachability check's verdict by default.
 DEFAULT_WAIT = 8.0
 
-NONE = "none"
-EIM = "endpoint-independent"
-ADM = "address-dependent"
-APDM = "address-and-port-dependent"
-#: Different mappings per destination, but no two answering nodes share an IP to tell which.
-EDM = "endpoint-dependent"
-UNKNOWN = "unknown"
-#: Probes sent by strangers did not arrive: address-dependent or address-and-port-dependent.
-FILTERING_STRICT = "address-dependent-or-stricter"
+# Short names for the shared RFC 4787 words (nat/behaviour.py), which `status` uses too.
+NONE = MAPPING_NONE
+EIM = ENDPOINT_INDEPENDENT
+ADM = ADDRESS_DEPENDENT
+APDM = ADDRESS_AND_PORT_DEPENDENT
+EDM = ENDPOINT_DEPENDENT
 
 
 def add_parser(sub: Any) -> None:
@@ -112,7 +119,7 @@ def verdict(result: dict[str, Any]) -> str:
     if reachable:
         return ("behind a NAT that lets strangers in (port forwarded or full cone): this node "
                 "serves the DHT; peers connect directly")
-    if EDM in mappings or APDM in mappings or ADM in mappings:
+    if mappings & VARYING_MAPPINGS:
         return ("port-randomizing (symmetric) NAT: a client; direct connections to open and "
                 "stable-mapping NATs (hole punching with port resampling), relayed otherwise")
     if (EIM in mappings or NONE in mappings) and reachable is False:
@@ -214,27 +221,32 @@ async def netcheck(seeds: list[Address], *, params: Any, host: str = "::",
             families.setdefault(_family(r), []).append((r, m))
         mapping = {f: classify_mapping(s, local_port) for f, s in sorted(families.items())}
         public = {f: sorted({format_addr(m) for _, m in s}) for f, s in sorted(families.items())}
-        # The reachability check: not run behind a port-randomizing NAT (it cannot serve).
-        reach = node.reachability
+        # The reachability check: not run behind a port-randomizing NAT (it cannot serve). Its
+        # verdict is read from the engine's status, in the words `status` prints: endpoint-
+        # independent filtering once a stranger got in, stricter once probes did not.
         deadline = time.monotonic() + (wait if samples else 0.0)
         reachable: bool | None = None
-        while time.monotonic() < deadline:
-            if node.ctx.standing.reachable:
+        while True:
+            filtering = node.status()["nat_filtering"]
+            if filtering == FILTERING_STRICT and ignored:
+                # A probe from an IP we know got in and was set aside: a check that failed
+                # meanwhile proves nothing (the engine calls a solicited probe inconclusive;
+                # it never saw this one). Wait on for a stranger's probe.
+                filtering = UNKNOWN
+            if filtering == ENDPOINT_INDEPENDENT:
                 reachable = True
                 break
-            if reach._failed_checks > 0:
+            if filtering == FILTERING_STRICT:
                 reachable = False
                 break
-            if set(mapping.values()) & {EDM, ADM, APDM}:
-                reachable = False  # a new port per destination: the announced one is useless
+            if set(mapping.values()) & VARYING_MAPPINGS:
+                # A new port per destination: the announced one is useless. Filtering stays
+                # as measured (unknown): this "no" says nothing about it.
+                reachable = False
+                break
+            if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.1)
-        if reachable is True:
-            filtering = "endpoint-independent"
-        elif reachable is False and reach._failed_checks > 0:
-            filtering = FILTERING_STRICT
-        else:
-            filtering = UNKNOWN
         result: dict[str, Any] = {
             "ok": bool(samples),
             "public_addresses": public,

@@ -434,6 +434,7 @@ class Daemon:
             st["public_key"] = self.identity.public_key.hex()
             st["bind_address"] = wire_address.format_addr(self.endpoint.local_address)
             st["uptime"] = round(time.time() - self.started_at, 1)
+            st["network"] = self.cfg.node.network
             st["warnings"] = []
             if st["routing_table_size"] == 0:
                 st["warnings"].append(

@@ -39,6 +39,7 @@ from dhtnode.dht.storage import Storage
 from dhtnode.dht.store import RecordStore
 from dhtnode.dht.topics import LookupResult, Topics
 from dhtnode.errors import DecodeError
+from dhtnode.nat import behaviour
 from dhtnode.nat.observer import AddressObserver, NatClass
 from dhtnode.nat.reflector import answer_binding
 from dhtnode.wire import address as wire_address
@@ -352,13 +353,17 @@ class DhtNode:
     def status(self) -> dict[str, Any]:
         ctx = self.ctx
         st = ctx.standing
+        # A bootstrap node's address is fixed and public: no NAT changes its port (what it
+        # tells peers too, connect/listen.py), not "unknown" forever.
+        nat_class = NatClass.CONSISTENT if st.fixed_public else ctx.observer.nat_class
         out: dict[str, Any] = {
             "node_id": self.node_id.hex() if self.node_id else None,
             "public_address": wire_address.format_addr(st.public) if st.public else None,
-            # A bootstrap node's address is fixed and public: no NAT changes its port (what
-            # it tells peers too, connect/listen.py), not "unknown" forever.
-            "nat_class": (NatClass.CONSISTENT.value if st.fixed_public
-                          else ctx.observer.nat_class.value),
+            "nat_class": nat_class.value,
+            # The same in RFC 4787 words, as `dhtnode netcheck` prints them (nat/behaviour.py).
+            "nat_mapping": behaviour.mapping_of(nat_class),
+            "nat_filtering": behaviour.filtering_of(
+                st.reachable, self.reachability._failed_checks),
             "public_addresses": [
                 wire_address.format_addr(a)
                 for a in ((st.public,) if st.fixed_public else ctx.observer.public_addresses)

@@ -17,6 +17,9 @@ Loopback responders are each a witness of their own (test networks). From them:
 
 Reachability (can a stranger reach us unsolicited?) is decided elsewhere, by the probe in
 ``dhtnode.dht.node``; this class only classifies samples. Pure: no I/O, clock passed in.
+``nat/behaviour.py`` names the classes in RFC 4787 words for users (CONSISTENT:
+endpoint-independent mapping; RANDOM: endpoint-dependent, since one witness per IP cannot tell
+address- from address-and-port-dependent).
 """
 
 from __future__ import annotations
