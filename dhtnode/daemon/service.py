@@ -86,6 +86,8 @@ class Daemon:
         self.identity: Identity | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        #: One state-file save at a time (saves run in a worker thread).
+        self._save_lock = asyncio.Lock()
         self.started_at = time.time()
 
     @property
@@ -200,9 +202,14 @@ class Daemon:
                             hint="kept: it is announced again on the next refresh")
             log.info("announcement_restored", topic=topic.hex(), stored_on=stored)
 
-    def _save_announced(self) -> None:
-        with contextlib.suppress(DhtnodeError, OSError):
-            save_announced(self.cfg.node.state_dir, self.node.announced_topics)
+    async def _save_announced(self) -> None:
+        """Save the announced topics off the event loop: the atomic write fsyncs twice, and a
+        stalled disk must not stall every datagram the node handles. One save at a time, so
+        an older list can never be renamed over a newer one."""
+        topics = list(self.node.announced_topics)  # the list as of now, taken on the loop
+        async with self._save_lock:
+            with contextlib.suppress(DhtnodeError, OSError):
+                await asyncio.to_thread(save_announced, self.cfg.node.state_dir, topics)
 
     async def _start_forwarding(self) -> None:
         """The ``[[expose]]`` and ``[[forward]]`` entries of the config. A failure is logged
@@ -247,7 +254,17 @@ class Daemon:
     async def _save_cache_periodically(self) -> None:
         while True:
             await asyncio.sleep(CACHE_SAVE_INTERVAL)
-            self.save_cache()
+            nodes = [c.addr for c in self.node.table] if self.endpoint is not None else []
+            if not nodes:
+                continue
+            # Off the loop, as _save_announced; on shutdown save_cache() writes inline.
+            async with self._save_lock:
+                try:
+                    await asyncio.to_thread(save_node_cache, self.cfg.node.state_dir, nodes,
+                                            now=time.time())
+                except OSError as exc:
+                    log.warning("node_cache_save_failed", error=str(exc),
+                                hint="check the state dir's disk and permissions")
 
     def save_cache(self) -> None:
         if self.endpoint is None:
@@ -453,7 +470,7 @@ class Daemon:
             key = self.identity.public_key.hex()
             if cmd == "announce":
                 n = await self.endpoint.run(lambda node: node.announce(topic))
-                self._save_announced()
+                await self._save_announced()
                 pub = self.node.ctx.standing.public
                 return {"topic": topic.hex(), "stored_on": n, "public_key": key,
                         "public_address": wire_address.format_addr(pub) if pub else None}
@@ -462,7 +479,7 @@ class Daemon:
                     return {"topic": topic.hex(), "withdrawn_from": 0, "public_key": key,
                             "was_announced": False}
                 n = await self.endpoint.run(lambda node: node.unannounce(topic))
-                self._save_announced()
+                await self._save_announced()
                 return {"topic": topic.hex(), "withdrawn_from": n, "public_key": key,
                         "was_announced": True}
             res: LookupResult = await self.endpoint.run(lambda node: node.lookup(topic))
