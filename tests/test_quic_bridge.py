@@ -210,6 +210,8 @@ def test_aioquic_private_attributes_still_exist() -> None:
     assert quic._close_event is None
     assert quic._streams == {}
     assert isinstance(quic._loss._rtt_smoothed, float)
+    quic.connect(("peer", 0), now=0.0)
+    assert isinstance(quic._spaces[tls.Epoch.ONE_RTT].largest_received_packet, int)
     assert isinstance(QuicStreamSender(stream_id=0, writable=True)._buffer, bytearray)
 
 

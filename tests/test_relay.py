@@ -14,7 +14,7 @@ from dhtnode.connect.listen import Introduction
 from dhtnode.connect.peerinfo import PeerInfo
 from dhtnode.crypto.identity import Identity
 from dhtnode.errors import DecodeError
-from dhtnode.nat.relay import IDLE_TIMEOUT, RelayLimits, RelayTable
+from dhtnode.nat.relay import IDLE_TIMEOUT, SECRET_ROTATE, RelayLimits, RelayTable
 from dhtnode.wire import relay as wire
 from tests.test_connect_intro import _network
 
@@ -45,6 +45,22 @@ def test_pairing_and_forwarding() -> None:
     tok_a = t.mint(sid, 0, A, 1.0)
     assert t.receive(wire.encode_bind(wire.Bind(0, sid, tok_a)), EVIL, 1.0) == []
     assert t.stats["drop_relay_stranger"] == 1 and t.stats["drop_relay_bad_token"] == 1
+
+
+def test_heartbeat_binds_are_answered_after_the_secret_rotated() -> None:
+    """A bound member's later BINDs are relaypath.py's liveness heartbeats: answered with
+    BOUND even once its token's secret has rotated out; a stranger's still are not."""
+    t = RelayTable(RelayLimits(), os.urandom, 0.0)
+    sid = _paired(t)
+    stale = t.mint(sid, 0, A, 0.0)
+    later = 3 * SECRET_ROTATE  # two rotations: the minting secret is gone
+    keep = wire.encode_data(wire.RelayType.DATA_TO_RELAY, sid, b"k")
+    for now in range(0, int(later) + 1, int(IDLE_TIMEOUT / 2)):  # traffic keeps it alive
+        t.receive(keep, A, float(now))
+        t.tick(float(now))
+    out = t.receive(wire.encode_bind(wire.Bind(0, sid, stale)), A, later)
+    assert out == [(wire.encode_bound(wire.Bound(0, sid, True)), A)]
+    assert t.receive(wire.encode_bind(wire.Bind(0, sid, stale)), EVIL, later) == []
 
 
 def test_bound_is_never_bigger_than_bind() -> None:

@@ -69,9 +69,16 @@ class Introduced:
 
 
 def introduce(
-    node: DhtNode, identity: Identity, server_key: bytes, my_info: PeerInfo
+    node: DhtNode,
+    identity: Identity,
+    server_key: bytes,
+    my_info: PeerInfo,
+    *,
+    exclude: frozenset[Address] = frozenset(),
 ) -> Op[Introduced]:
-    """Introduce ``identity`` to the listener of ``server_key``."""
+    """Introduce ``identity`` to the listener of ``server_key``, through any introducer the
+    record names but those in ``exclude`` (a relayed connection whose relay died asks
+    another introducer for its relay)."""
     topic = listen_topic(server_key)
     op: Op[Introduced] = Op()
     key_hex = server_key.hex()
@@ -89,11 +96,13 @@ def introduce(
             op.set_error(PeerNotFound(f"no node announces key {key_hex} (is it listening?)"))
             return
         introducers = [a for kind, a in rec.addresses if kind is AddressKind.INTRODUCER]
-        usable = [a for a in introducers if a in res.tokens]
+        usable = [a for a in introducers if a in res.tokens and a not in exclude]
         if not usable:
+            skipped = sum(a in exclude for a in introducers)
             op.set_error(IntroductionFailed(
                 f"key {key_hex} is announced, but none of its {len(introducers)} introducers "
                 "answered our lookup"
+                + (f" ({skipped} excluded: tried already)" if skipped else "")
             ))
             return
         hello, hs = seal_hello(identity, server_key, my_info.encode(), wall=node.ctx.wall())

@@ -15,6 +15,16 @@ once; the client starts QUIC on whichever path is ready first (the punch gets a 
 and a relayed connection moves to the direct path when the punch succeeds later, without the
 application noticing (the QUIC bridge's path layer). Random NATs on both sides stay relayed.
 
+If the relay of a relayed connection goes away (the path's own liveness check: no DATA and no
+BOUND answering its heartbeat BINDs for a few seconds, ``relaypath.py``), the client runs the
+introduction again through another introducer, which offers its own relay; once paired, the
+connection moves there (``set_path``, as for the direct path) and the same QUIC connection and
+streams go on. The listener takes the new introduction's relayed path as the same peer's (the
+introduction authenticated its key) and moves too when the first authenticated packet of the
+connection arrives on it. Bounded tries; without another relay the connection closes with
+``CLOSE_RELAY_LOST`` and a reason. :func:`watch_peer` notices a peer that died without a word
+in seconds (forwarding and swarms use it).
+
 Must not decide strategy, timing or crypto (those live in the pure modules), nor send a
 probe, route a punch datagram or count attempts (the punch driver does).
 """
@@ -42,7 +52,13 @@ from dhtnode.nat.punch import PUNCH_DEADLINE, Punched
 from dhtnode.nat.strategy import MIN_STEP_SAMPLES
 from dhtnode.transport.localaddr import own_v6_addresses
 from dhtnode.transport.punching import Attempt, PunchDriver, profile_of
-from dhtnode.transport.quic import PeerConnection, QuicBridge
+from dhtnode.transport.quic import (
+    CLOSE_PEER_SILENT,
+    CLOSE_RELAY_LOST,
+    DatagramPath,
+    PeerConnection,
+    QuicBridge,
+)
 from dhtnode.transport.relaypath import RelayPath, RelayPaths
 from dhtnode.transport.resample import stun_ports
 from dhtnode.transport.sockets import SocketPool
@@ -69,6 +85,21 @@ RELAY_DRAIN = 3.0
 RESAMPLE_SERVERS = MIN_STEP_SAMPLES
 #: Seconds to wait for those answers; one retransmission halfway.
 RESAMPLE_TIMEOUT = 0.5
+#: Introductions a relayed connection whose relay died tries (each through an introducer not
+#: tried before) before it closes: a record names a handful of introducers.
+RESCUE_ATTEMPTS = 3
+#: Seconds a new relay may take to pair us with the peer (the peer binds when the
+#: introduction reaches it, about one round trip after us).
+RESCUE_PAIR_TIMEOUT = 5.0
+#: Seconds without a datagram from the peer after which a watched connection (``watch_peer``)
+#: sends a PING, then one per such interval while silent; a live peer answers in a round trip.
+PROBE_AFTER = 1.0
+#: Seconds without a datagram from the peer, PINGs notwithstanding, after which a watched
+#: connection is closed as dead: three or four PINGs lost in a row. Longer than a relayed
+#: connection's relay failover needs to notice its relay (the relay check runs first).
+PEER_DEAD_AFTER = 4.5
+#: Seconds between liveness checks.
+WATCH_TICK = 0.25
 
 
 class PunchError(OperationError):
@@ -94,6 +125,11 @@ class Connection:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     #: The path the connection started on.
     first_path: str = ""
+    #: The relayed path it runs over while relayed (it may change when a relay dies).
+    relay: RelayPath | None = None
+    #: When the connection last moved to another path (``time.monotonic()``; 0 never): the
+    #: peer's silence before a move is no sign of a dead peer (``watch_peer``).
+    moved_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.first_path = self.first_path or self.path
@@ -308,7 +344,7 @@ class Connections(Service):
                 first.close()
                 raise
             conn = Connection(quic, "relayed", strategy, (time.monotonic() - started) * 1000)
-            self._relay_until_direct(conn, att, first)
+            self._relay_until_direct(conn, att, first, rescue=ident)
         else:
             path = self.punch.path_for(att, first.slot)
             try:
@@ -367,10 +403,14 @@ class Connections(Service):
         why += "; the relay did not pair us" if offered else "; no relay was offered"
         raise PunchError(f"no path to the peer: {why}")
 
-    def _relay_until_direct(self, conn: Connection, att: Attempt, relay: RelayPath) -> None:
+    def _relay_until_direct(
+        self, conn: Connection, att: Attempt, relay: RelayPath, *, rescue: Identity | None = None
+    ) -> None:
         """Keep a relayed connection on the relay until the punch succeeds, then move it to
         the direct path (QUIC does not notice: the path layer is under it); close the relayed
-        path when the connection ends, or a little after the move."""
+        path when the connection ends, or a little after the move. ``rescue``: the client's
+        identity, to find another relay if this one dies (see :meth:`_rescue`)."""
+        self._keep_relayed(conn, relay, rescue)
 
         async def watch() -> None:
             try:
@@ -381,6 +421,9 @@ class Connections(Service):
                     conn.quic.set_path(self.punch.path_for(att, result.slot), result.addr)
                     self.punch.close_with(conn.quic, att, result.slot)
                     conn.path, conn.slot = "direct", result.slot
+                    # The path that won: IPv6 raced beside an IPv4 strategy (even IMPOSSIBLE)
+                    # is a simultaneous open.
+                    conn.strategy = att.plan.strategy_of(result.addr).value
                     conn.settled.set()
                     self.stats["path_upgraded"] += 1
                     self._emit("path_upgraded", public_key=conn.peer_key.hex(),
@@ -393,8 +436,104 @@ class Connections(Service):
             finally:
                 conn.settled.set()
                 relay.close()
+                if conn.relay is not None and (conn.quic.closed or conn.path == "direct"):
+                    conn.relay.close()  # a relay it moved to after the first one died
+                    conn.relay = None
 
         self._spawn(watch())
+
+    # ------------------------------------------------------------------ relay failover
+
+    def _keep_relayed(self, conn: Connection, path: RelayPath, rescue: Identity | None) -> None:
+        """``conn`` runs over ``path`` from now on: watch the relay's liveness, and (listener)
+        follow the client to a new relayed path of the same peer."""
+        path.in_use = True
+        path.peer_key = path.peer_key or conn.peer_key
+        conn.relay = path
+        path.watch(lambda dead: self._relay_lost(conn, dead, rescue))
+        conn.quic.on_other_path = lambda p, addr: self._follow(conn, p, addr, rescue)
+
+    def _move_relay(
+        self, conn: Connection, path: RelayPath, addr: Address, rescue: Identity | None
+    ) -> None:
+        old = conn.relay
+        conn.quic.set_path(path, addr)
+        conn.moved_at = time.monotonic()
+        self._keep_relayed(conn, path, rescue)
+        if old is not None and old is not path:
+            old.close()
+        conn.quic.probe()  # resume loss recovery now rather than after a backed-off PTO
+        self.stats["relay_moved"] += 1
+        self._emit("relay_moved", public_key=conn.peer_key.hex(), relay=format_addr(path.relay))
+
+    def _follow(
+        self, conn: Connection, path: DatagramPath, addr: Address, rescue: Identity | None
+    ) -> None:
+        """An authenticated packet of ``conn`` came over another path: if it is a relayed path
+        an introduction of the same peer key set up, the client moved there (its relay died):
+        move too. Anything else (the direct path while the punch reports) is not ours."""
+        if (
+            isinstance(path, RelayPath)
+            and not path.closed
+            and path is not conn.relay
+            and conn.path == "relayed"
+            and path.peer_key == conn.peer_key
+        ):
+            self._move_relay(conn, path, addr, rescue)
+
+    def _relay_lost(self, conn: Connection, dead: RelayPath, rescue: Identity | None) -> None:
+        if conn.quic.closed or conn.relay is not dead or conn.path != "relayed":
+            return
+        self._emit("relay_lost", public_key=conn.peer_key.hex(), relay=format_addr(dead.relay))
+        if rescue is not None:  # the listener waits for the client's move (_follow)
+            self._spawn(self._rescue(conn, dead, rescue))
+
+    async def _rescue(self, conn: Connection, dead: RelayPath, ident: Identity) -> None:
+        """Find another relay for ``conn`` (the client side) after ``dead`` went silent: a
+        new introduction through an introducer not tried yet (each offers its own relay),
+        bind, and move the connection once the peer is paired. Closes ``conn`` with a reason
+        when :data:`RESCUE_ATTEMPTS` introductions gave no relay."""
+        tried = {dead.relay}
+        why = "no other introducer offered a relay"
+        for _ in range(RESCUE_ATTEMPTS):
+            if conn.quic.closed or conn.relay is not dead:
+                return
+            info, exclude = self.my_info(), frozenset(tried)
+            try:
+                intro: Introduced = await self.endpoint.run(
+                    lambda n, info=info, exclude=exclude: introduce(  # type: ignore[misc]
+                        n, ident, conn.peer_key, info, exclude=exclude
+                    )
+                )
+            except OperationError as exc:
+                why = str(exc)
+                break
+            tried.add(intro.introducer)
+            if intro.relay is None:
+                continue
+            path = self.relays.open(intro.relay, wire_relay.ROLE_CLIENT, intro.server_address)
+            path.peer_key = conn.peer_key
+            await asyncio.wait({path.paired}, timeout=RESCUE_PAIR_TIMEOUT)
+            p = path.paired
+            if not p.done() or p.cancelled() or p.exception() is not None:
+                path.close()
+                why = f"the relay at {format_addr(intro.relay.relay)} did not pair us"
+                continue
+            if conn.quic.closed or conn.relay is not dead:
+                path.close()
+                return
+            self._move_relay(conn, path, intro.server_address, ident)
+            return
+        if conn.quic.closed or conn.relay is not dead:
+            return
+        if dead.alive:  # it was only quiet for a while: keep it
+            dead.watch(lambda d: self._relay_lost(conn, d, ident))
+            return
+        self.stats["relay_rescue_failed"] += 1
+        await conn.quic.close(
+            CLOSE_RELAY_LOST, f"relay {format_addr(dead.relay)} went away and none took over: "
+            + why,
+        )
 
     async def close(self) -> None:
         self.punch.close()
@@ -434,6 +573,9 @@ class Connections(Service):
             return
         if intro.relay is not None:
             relay = att.relay = self.relays.open(intro.relay, wire_relay.ROLE_SERVER, client)
+            # The hello proved the client's key: a relayed connection of that key whose relay
+            # died may move here (_follow).
+            relay.peer_key = intro.handshake.client_key
             # Unused by then: the client connected directly, or never came.
             asyncio.get_running_loop().call_later(
                 EXPECT_WINDOW, lambda: None if relay.in_use else relay.close()
@@ -539,3 +681,37 @@ class Connections(Service):
 
 def _is_loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip == "::1"
+
+
+async def watch_peer(
+    conn: Connection,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    *,
+    probe_after: float = PROBE_AFTER,
+    dead_after: float = PEER_DEAD_AFTER,
+) -> None:
+    """Notice a peer that died without a word (SIGKILL, power loss) in seconds rather than at
+    QUIC's 30 s idle timeout: after ``probe_after`` without a datagram from the peer, send a
+    PING every ``probe_after``; after ``dead_after`` of silence close ``conn``
+    (``CLOSE_PEER_SILENT``). A relayed connection whose relay went silent is left to the relay
+    failover, which closes it itself if no other relay takes over. Returns when ``conn``
+    ends. Used where a dead peer must be replaced quickly (port forwarding, swarms); costs a
+    PING per ``probe_after`` on an idle connection."""
+    quic = conn.quic
+    probed = 0.0
+    while not quic.closed:
+        await asyncio.sleep(WATCH_TICK)
+        now = time.monotonic()
+        silent = now - max(quic.last_rx, conn.moved_at)
+        if conn.relay is not None and not conn.relay.alive and conn.path == "relayed":
+            continue  # the relay is the one silent: its failover moves or closes the conn
+        if silent >= dead_after:
+            if on_event:
+                on_event("peer_silent", {"public_key": conn.peer_key.hex(),
+                                         "seconds": round(silent, 1)})
+            await quic.close(CLOSE_PEER_SILENT, f"nothing from the peer for {silent:.1f} s",
+                             wait=False)
+            return
+        if silent >= probe_after and now - probed >= probe_after:
+            probed = now
+            quic.probe()

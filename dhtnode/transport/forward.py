@@ -4,13 +4,23 @@
 opens into a TCP connection to a local service; :class:`Forwarder` listens on a local TCP
 port and turns every accepted TCP connection into one QUIC stream to the key's listener,
 over one connection that it re-establishes when it ends. Bytes flow both ways with
-back-pressure (``drain``), half-close (EOF one way keeps the other open) and errors (a reset
-on one side closes the other; a TCP side is reset, so a cut transfer never looks complete).
+back-pressure (``drain``), half-close (a FIN one way is a QUIC FIN and a TCP half-close on the
+other side; the other direction stays open) and resets: a TCP RST (or any error) on one side
+becomes RESET_STREAM + STOP_SENDING on the QUIC stream, and a reset QUIC stream becomes a TCP
+RST (``SO_LINGER`` 0, then close) on the other side's TCP connection, so a cut transfer never
+looks complete and an application sees a reset as a reset, not as a clean close.
 
 Each stream starts with one byte, :data:`STREAM_OPEN`, that the forwarder sends at once: a
 QUIC stream reaches the peer only with its first byte, so without it a service that speaks
 first (SMTP, MySQL, VNC, FTP...) would wait for a client that waits for it, and the exposer
 would not even connect to it.
+
+Liveness: a forwarding or exposing connection is watched (``connections.watch_peer``), so a
+peer that died without a word (SIGKILL, power loss) is noticed in seconds rather than at
+QUIC's 30 s idle timeout, and the forwarder's next TCP connection connects afresh. A TCP
+connection that arrives while the peer is silent but not yet given up on waits for one PING
+answer (:data:`SUSPECT_PROBE_WAIT`) before it gets the connection; without one the forwarder
+connects afresh at once.
 
 Must not decide anything about connecting; it only moves bytes between streams.
 """
@@ -19,12 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.errors import DhtnodeError
-from dhtnode.transport.connections import Connection, Connections, Server
+from dhtnode.transport.connections import (
+    PROBE_AFTER,
+    Connection,
+    Connections,
+    Server,
+    watch_peer,
+)
+from dhtnode.transport.quic import CLOSE_PEER_SILENT
 
 #: Bytes moved per read: large enough for throughput, small enough to keep memory per
 #: stream bounded (the writers' high-water marks bound the rest).
@@ -36,19 +56,60 @@ TCP_CONNECT_TIMEOUT = 10.0
 STREAM_OPEN = b"\x01"
 #: Seconds an exposer waits for a new stream's first byte.
 STREAM_OPEN_TIMEOUT = 10.0
+#: Seconds of silence from the peer after which the forwarder double-checks its connection
+#: before giving it a new TCP connection: the liveness watch PINGs a silent peer every
+#: ``PROBE_AFTER``, so a live peer is never silent this long.
+SUSPECT_AFTER = 2 * PROBE_AFTER
+#: Seconds a suspect connection's peer gets to answer a PING before the forwarder connects
+#: afresh (rather than hand the TCP connection to a peer that may be dead for seconds more).
+SUSPECT_PROBE_WAIT = 1.0
+#: Seconds between looks for that answer.
+_PROBE_POLL = 0.02
+
+
+async def _answers(conn: Connection) -> bool:
+    """False if ``conn`` is closed, or its peer has been silent for :data:`SUSPECT_AFTER` and
+    does not answer a PING within :data:`SUSPECT_PROBE_WAIT`. A connection whose relay is
+    being replaced counts as answering (the failover moves it or closes it)."""
+    quic = conn.quic
+    if quic.closed:
+        return False
+    if time.monotonic() - max(quic.last_rx, conn.moved_at) < SUSPECT_AFTER:
+        return True
+    if conn.relay is not None and not conn.relay.alive and conn.path == "relayed":
+        return True
+    sent = time.monotonic()
+    quic.probe()
+    while time.monotonic() - sent < SUSPECT_PROBE_WAIT and not quic.closed:
+        if quic.last_rx >= sent:
+            return True
+        await asyncio.sleep(_PROBE_POLL)
+    return False
+
+
+#: ``struct linger`` with l_onoff=1, l_linger=0: close() then sends a RST, not a FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def _abort(writer: Any) -> None:
-    """End ``writer`` after an error: a TCP connection is reset (its peer must not take a cut
-    transfer for a complete one); a QUIC stream is closed."""
+    """End ``writer`` abruptly after an error or a reset of the other side: a TCP connection
+    is reset (RST: its peer must not take a cut transfer for a complete one, nor a reset for a
+    clean close); a QUIC stream is reset both ways."""
     if isinstance(writer, asyncio.StreamWriter):
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         writer.transport.abort()
     else:
-        writer.close()
+        writer.abort()
 
 
-async def pipe(reader: asyncio.StreamReader, writer: Any) -> None:
-    """Copy ``reader`` to ``writer`` until EOF, then half-close ``writer``."""
+async def pipe(
+    reader: asyncio.StreamReader, writer: Any, on_error: Callable[[], None] | None = None
+) -> None:
+    """Copy ``reader`` to ``writer`` until EOF, then half-close ``writer``. On a reset or an
+    error of either side, abort ``writer`` and call ``on_error``."""
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
@@ -57,14 +118,23 @@ async def pipe(reader: asyncio.StreamReader, writer: Any) -> None:
             writer.write_eof()
     except (ConnectionError, DhtnodeError, OSError):
         _abort(writer)
+        if on_error is not None:
+            on_error()
 
 
 async def splice(
     a: tuple[asyncio.StreamReader, Any], b: tuple[asyncio.StreamReader, Any]
 ) -> None:
-    """Both directions between two (reader, writer) pairs; closes both writers at the end."""
+    """Both directions between two (reader, writer) pairs; closes both writers at the end.
+    A reset in either direction resets both sides (a TCP RST ends both of its directions)."""
+
+    def reset_both() -> None:
+        for w in (a[1], b[1]):
+            with contextlib.suppress(Exception):
+                _abort(w)
+
     try:
-        await asyncio.gather(pipe(a[0], b[1]), pipe(b[0], a[1]))
+        await asyncio.gather(pipe(a[0], b[1], reset_both), pipe(b[0], a[1], reset_both))
     finally:
         for w in (a[1], b[1]):
             with contextlib.suppress(Exception):
@@ -106,6 +176,7 @@ class Exposer:
     def _on_connection(self, conn: Connection) -> None:
         self._accepted.add(conn)
         self._spawn(self._serve(conn))
+        self._spawn(watch_peer(conn, self._on_event))
 
     async def _serve(self, conn: Connection) -> None:
         try:
@@ -137,7 +208,7 @@ class Exposer:
             if self._on_event:
                 self._on_event("expose_connect_failed", {"target": f"{self._target[0]}:"
                                f"{self._target[1]}", "error": str(exc)})
-            stream[1].close()
+            stream[1].abort()  # the client's TCP connection is reset, as a refused one is
             return
         await splice(stream, tcp)
 
@@ -184,9 +255,18 @@ class Forwarder:
     async def connection(self) -> Connection:
         """The connection to the key, (re)established when there is none or it ended."""
         async with self._lock:
+            conn = self._conn
+            if conn is not None and not await _answers(conn):
+                await conn.quic.close(CLOSE_PEER_SILENT, "the peer did not answer a PING",
+                                      wait=False)
             if self._conn is None or self._conn.quic.closed:
                 self._conn = await self._conns.connect(self._key, identity=self._identity)
                 self.connects += 1
+                task = asyncio.get_running_loop().create_task(
+                    watch_peer(self._conn, self._on_event)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
                 if self._on_event:
                     self._on_event("forward_connected", {"public_key": self._key.hex(),
                                                          "strategy": self._conn.strategy})

@@ -31,8 +31,9 @@ the client for a certificate via ``tls.Context._request_client_certificate``, he
 ``tls.Context._peer_certificate`` (pinning, ``quic_conn.py``), ``QuicConnection._close_event``
 (notice a close before the 3-PTO closing period ends, ``quic_conn.py``),
 ``QuicConnection._streams`` with ``QuicStreamSender._buffer`` (send-side flow control in
-``drain``, ``quic_stream.py``), and ``QuicConnection._loss._rtt_smoothed`` (``rtt``,
-``quic_conn.py``).
+``drain``, ``quic_stream.py``), ``QuicConnection._loss._rtt_smoothed`` (``rtt``,
+``quic_conn.py``), and ``QuicConnection._spaces[Epoch.ONE_RTT].largest_received_packet``
+(``on_other_path``, ``quic_conn.py``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ from dhtnode.transport.quic_errors import (
     CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_INTERNAL_ERROR,
     CLOSE_NO_ERROR,
+    CLOSE_PEER_SILENT,
+    CLOSE_RELAY_LOST,
     CLOSE_SHUTDOWN,
+    STREAM_ABORTED,
     STREAM_CLOSED,
     STREAM_REFUSED,
     QuicConnectError,
@@ -90,6 +94,8 @@ __all__ = [
     "CLOSE_HANDSHAKE_TIMEOUT",
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_NO_ERROR",
+    "CLOSE_PEER_SILENT",
+    "CLOSE_RELAY_LOST",
     "CLOSE_SHUTDOWN",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_KEEPALIVE_INTERVAL",
@@ -102,6 +108,7 @@ __all__ = [
     "MAX_HALF_OPEN_PER_IP",
     "MAX_PENDING_ACCEPT",
     "SMALLEST_INITIAL_DATAGRAM",
+    "STREAM_ABORTED",
     "STREAM_CLOSED",
     "STREAM_REFUSED",
     "TIMER_GRANULARITY",

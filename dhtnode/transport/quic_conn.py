@@ -15,7 +15,9 @@ a peer before its certificate key has been pinned at ``HandshakeCompleted``. Tim
 
 aioquic private attributes used here (checked by ``tests/test_quic_bridge.py``):
 ``tls.Context._peer_certificate`` (pinning), ``QuicConnection._close_event`` (notice a close
-before the 3-PTO closing period ends) and ``QuicConnection._loss._rtt_smoothed`` (``rtt``).
+before the 3-PTO closing period ends), ``QuicConnection._loss._rtt_smoothed`` (``rtt``) and
+``QuicConnection._spaces[Epoch.ONE_RTT].largest_received_packet`` (whether a datagram from
+another path carried an authenticated new packet, for ``on_other_path``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
@@ -107,6 +110,10 @@ class PeerConnection(_PeerStreams):
         #: The peer's Ed25519 public key; set (and pinned) before the connection is handed out.
         self.peer_key: bytes = b""
         self.stats = ConnectionStats()
+        #: Called with (path, source) when a datagram from another path than the current one
+        #: carried an authenticated new packet: the connection's owner decides whether to move
+        #: there (the peer moved to a new relay). QUIC itself never moves.
+        self.on_other_path: Callable[[DatagramPath, Address], None] | None = None
         #: Called for each stream the peer opens; when None they queue for accept_stream().
         self.on_stream: Callable[[asyncio.StreamReader, QuicStreamWriter], None] | None = None
         #: Why the connection ended: code, reason phrase, and whether the code is one of ours
@@ -115,6 +122,9 @@ class PeerConnection(_PeerStreams):
         self.close_reason = ""
         self.close_is_application = True
         self.created_at = time.monotonic()
+        #: When the last datagram arrived from the peer, ``time.monotonic()`` (liveness
+        #: checks above QUIC, e.g. port forwarding's, read it).
+        self.last_rx = self.created_at
         self._pseudo_addr = (f"dhtnode-quic-{next(bridge._pseudo_ids)}", 0)
         self._expected_key = expected_key
         self._candidates = candidates or []
@@ -177,6 +187,20 @@ class PeerConnection(_PeerStreams):
             {"peer_key": self.peer_key.hex(), "old": format_addr(old), "new": format_addr(addr)},
         )
 
+    def probe(self) -> None:
+        """Send a PING now: after a path change its acknowledgement restarts loss recovery
+        at once (packets lost on the old path are declared lost and sent again) instead of
+        after a probe timeout that backed off while the old path was dead."""
+        if self.closed or not self._authenticated:
+            return
+        self._quic.send_ping(next(self._ping_ids))
+        self.stats.pings_sent += 1
+        self._transmit()
+
+    def _largest_received(self) -> int:
+        space = self._quic._spaces.get(tls.Epoch.ONE_RTT)
+        return -1 if space is None else int(space.largest_received_packet)
+
     async def close(
         self, error_code: int = CLOSE_NO_ERROR, reason: str = "", *, wait: bool = True
     ) -> None:
@@ -228,15 +252,20 @@ class PeerConnection(_PeerStreams):
             return
         self.stats.bytes_in += len(data)
         self.stats.datagrams_in += 1
-        if path is not self._path or source != self._addr:
+        self.last_rx = time.monotonic()
+        other = path is not self._path or source != self._addr
+        if other:
             # QUIC authenticates it; whether to move there is the migration policy's call.
             self.stats.datagrams_other_path += 1
+            largest = self._largest_received()
         try:
             self._quic.receive_datagram(data, self._pseudo_addr, now=time.monotonic())
             self._process_events()
         except Exception as exc:  # hostile input must never escape into the socket layer
             self._internal_error(exc)
             return
+        if other and self.on_other_path is not None and self._largest_received() > largest:
+            self._bridge._call_user(self.on_other_path, path, source)
         self._after_receive()
         self._transmit_soon()
 

@@ -20,10 +20,16 @@ CLOSE_SHUTDOWN = 0x2
 CLOSE_HANDSHAKE_TIMEOUT = 0x3
 #: aioquic raised on input it should have handled: the connection is abandoned.
 CLOSE_INTERNAL_ERROR = 0x4
+#: A relayed-only connection lost its relay and no other relay could carry it.
+CLOSE_RELAY_LOST = 0x5
+#: Nothing came from the peer for a while despite PINGs (port forwarding's liveness check).
+CLOSE_PEER_SILENT = 0x6
 #: A stream was refused (too many waiting to be accepted, or unidirectional).
 STREAM_REFUSED = 0x10
 #: The application closed its writer before reading everything the peer sent.
 STREAM_CLOSED = 0x11
+#: The application aborted the stream both ways (port forwarding: its TCP side was reset).
+STREAM_ABORTED = 0x12
 
 
 class QuicError(DhtnodeError):

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, cast
 
 from aioquic.quic import events
 
-from dhtnode.transport.quic_errors import STREAM_CLOSED, STREAM_REFUSED, QuicStreamError
+from dhtnode.transport.quic_errors import (
+    STREAM_ABORTED,
+    STREAM_CLOSED,
+    STREAM_REFUSED,
+    QuicStreamError,
+)
 
 if TYPE_CHECKING:
     import collections
@@ -118,6 +123,16 @@ class QuicStreamWriter:
         self._closing = True
         self.write_eof()
         self._conn._stop_reading(self._stream_id)
+
+    def abort(self, error_code: int = STREAM_ABORTED) -> None:
+        """End the stream abruptly both ways: RESET_STREAM (data not yet delivered is
+        discarded; the peer's reader raises) and STOP_SENDING (the peer's writer fails). What
+        a TCP RST is to a TCP connection. Idempotent; a no-op on a dead connection."""
+        if self._closing and self._error is not None:
+            return
+        self._closing = True
+        self._eof_sent = True
+        self._conn._abort_stream(self, error_code)
 
     def is_closing(self) -> bool:
         return self._closing or self._error is not None
@@ -288,6 +303,22 @@ class _PeerStreams:
         self._quic.stop_stream(sid, STREAM_REFUSED)
         self._quic.reset_stream(sid, STREAM_REFUSED)
         self._bridge.stats["quic_stream_refused"] += 1
+
+    def _abort_stream(self, writer: QuicStreamWriter, error_code: int) -> None:
+        sid = writer.stream_id
+        stream = self._quic._streams.get(sid)
+        if stream is not None and not self.closed:
+            self._quic.reset_stream(sid, error_code)  # no-op once all data was acked
+            if not stream.receiver.is_finished:
+                self._quic.stop_stream(sid, error_code)
+            self._transmit_soon()
+        self._fin_pending.discard(writer)
+        if self._writers.get(sid) is writer:
+            del self._writers[sid]
+        writer._fail(QuicStreamError(f"stream {sid} was aborted by us"))
+        reader = self._readers.pop(sid, None)
+        if reader is not None and not reader.at_eof():
+            reader.feed_eof()
 
     def _on_stream_reset(self, sid: int, error_code: int) -> None:
         reader = self._readers.pop(sid, None)

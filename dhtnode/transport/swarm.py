@@ -7,6 +7,15 @@ connection per pair, even when both sides find each other at once: only the side
 smaller public key dials, the other waits to be dialled (both compute the same). Peers that
 leave drop out when their connection closes; new ones are found at the next lookup.
 
+A peer that dies without a word (SIGKILL, power loss) is noticed in seconds: every swarm
+connection is watched (``connections.watch_peer``: PINGs while silent, closed after
+:data:`DEAD_AFTER`), such a lost peer makes the next lookup come at once (one that closed its
+connection on purpose is leaving and is not looked for), and a peer that cannot be
+dialled yet (it is still restarting) is tried again after :data:`RETRY_MIN`, doubling up to
+:data:`RETRY_AFTER`. Without this, the smaller key of a pair kept a dead connection until
+QUIC's 30 s idle timeout and then waited for its backed-off lookup, so a restarted peer with
+the larger key was dialled again only about 40 s later.
+
 Must not decide how to connect; it only decides whom, and when to look again.
 """
 
@@ -19,7 +28,8 @@ from typing import Any
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.errors import DhtnodeError
-from dhtnode.transport.connections import Connection, Connections, Server
+from dhtnode.transport.connections import Connection, Connections, Server, watch_peer
+from dhtnode.transport.quic import CLOSE_PEER_SILENT
 
 #: Seconds between lookups of the topic right after joining; doubles up to the maximum, and
 #: falls back to the minimum when a new peer shows up.
@@ -27,8 +37,16 @@ MIN_REFRESH = 2.0
 MAX_REFRESH = 60.0
 #: Dials in flight at once per swarm (a busy topic must not open hundreds of punches).
 MAX_DIALS = 8
-#: Seconds before a key that could not be dialled is tried again.
+#: Seconds before a key that could not be dialled is tried again, at most...
 RETRY_AFTER = 30.0
+#: ...and at first: a peer found again right after its connection died is often restarting,
+#: and listens again within seconds. Doubles with each failure in a row.
+RETRY_MIN = 2.0
+#: Seconds of silence from a peer after which a swarm connection PINGs it (then once per
+#: such interval while silent): longer than forwarding's, as a swarm holds many connections.
+PROBE_AFTER = 2.0
+#: Seconds of silence (PINGs notwithstanding) after which a swarm connection counts as dead.
+DEAD_AFTER = 6.0
 
 
 class Swarm:
@@ -46,6 +64,11 @@ class Swarm:
         #: Live connections, by peer key.
         self.peers: dict[bytes, Connection] = {}
         self._failed: dict[bytes, float] = {}
+        #: Failed dials in a row, by key (the retry backoff).
+        self._fails: dict[bytes, int] = {}
+        #: Set to make the refresh loop look the topic up now (a peer was lost, or a retry
+        #: is due).
+        self._wake = asyncio.Event()
         self._dialing: set[bytes] = set()
         self._server: Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -88,6 +111,7 @@ class Swarm:
             self._spawn(old.close())
         self.peers[key] = conn
         self._spawn(self._watch(conn))
+        self._spawn(watch_peer(conn, probe_after=PROBE_AFTER, dead_after=DEAD_AFTER))
         self._on_connection(conn)
 
     def _accepted(self, conn: Connection) -> None:
@@ -98,6 +122,10 @@ class Swarm:
             await conn.wait_closed()
         if self.peers.get(conn.peer_key) is conn:
             del self.peers[conn.peer_key]
+            if conn.quic.close_code == CLOSE_PEER_SILENT:
+                # It died without a word, and may be back already (restarted): look again
+                # now. (A peer that closed on purpose is leaving: its record goes too.)
+                self._wake.set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -107,9 +135,13 @@ class Swarm:
     async def _refresh_loop(self) -> None:
         delay = MIN_REFRESH
         while True:
+            self._wake.clear()
             found_new = await self.refresh()
             delay = MIN_REFRESH if found_new else min(delay * 2, MAX_REFRESH)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if self._wake.is_set():
+                delay = MIN_REFRESH
 
     async def refresh(self) -> bool:
         """Look the topic up once and dial every new key we should dial; True if any."""
@@ -137,9 +169,14 @@ class Swarm:
                 if key in self.peers:
                     return
                 conn = await self._conns.connect(key, identity=self._identity)
+            self._fails.pop(key, None)
             self._add(conn)
         except DhtnodeError:
-            self._failed[key] = asyncio.get_running_loop().time() + RETRY_AFTER
+            n = self._fails[key] = self._fails.get(key, 0) + 1
+            retry = min(RETRY_AFTER, RETRY_MIN * 2 ** (n - 1))
+            loop = asyncio.get_running_loop()
+            self._failed[key] = loop.time() + retry
+            loop.call_later(retry, self._wake.set)
         finally:
             self._dialing.discard(key)
 
