@@ -5,7 +5,7 @@
 #   pip wheel . -w wheels/
 #   docker build -t dhtnode .                                  # base python:3.11-slim
 #   docker build --build-arg BASE=local/debian-py:bookworm -t dhtnode .   # any base with python3 >= 3.11 and venv
-# `make swarm` builds its own base from Debian packages (deploy/swarm/run.sh).
+# `make swarm` builds its own base from Debian packages (deploy/swarm/run.py).
 #
 # Run: docker run -d -p 49200:49200/udp -v dhtnode-state:/var/lib/dhtnode \
 #        -e DHTNODE_BOOTSTRAP=HOST:49200 dhtnode

@@ -47,3 +47,10 @@ clean:
 .PHONY: swarm
 swarm: $(STAMP)
 	$(PYTHON) deploy/swarm/run.py
+
+# deploy/systemd/dhtnode.service under a real systemd (root): a container with systemd as PID 1,
+# the README's install commands, start/status/reload/watchdog/restart/stop, torn down.
+# See README "Run it as a systemd service".
+.PHONY: systemd-check
+systemd-check: $(STAMP)
+	$(PYTHON) deploy/systemd/realcheck.py

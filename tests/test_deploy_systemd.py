@@ -1,7 +1,9 @@
 """deploy/systemd: the unit passes `systemd-analyze verify` (and its `security` score is
 printed), and the daemon started from the unit's ExecStart= line, with the unit's environment
 and a scratch state dir, tells a fake $NOTIFY_SOCKET READY=1, WATCHDOG=1 and, on SIGTERM,
-STOPPING=1, answers `dhtnode status`, and exits cleanly within a few seconds.
+STOPPING=1, answers `dhtnode status`, and exits cleanly within a few seconds. ExecReload=
+needs no /bin/kill, and the README's install block is what `make systemd-check` (the unit
+under a real systemd, deploy/systemd/realcheck.py) runs.
 """
 
 from __future__ import annotations
@@ -200,3 +202,47 @@ def test_sysusers_and_tmpfiles_in_scratch_root(tmp_path: Path) -> None:
     st = (root / "var/lib/dhtnode").stat()
     assert st.st_mode & 0o777 == 0o700 and st.st_uid == int(users["dhtnode"][2])
     assert (root / "etc/dhtnode").stat().st_mode & 0o777 == 0o750
+
+
+def test_exec_reload_sends_sighup_without_procps(tmp_path: Path) -> None:
+    """ExecReload= needs no /bin/kill (procps, absent on minimal systems and containers: the
+    reload failed with 203/EXEC under a real systemd): it is the shell's builtin, and it
+    delivers SIGHUP to $MAINPID as systemd substitutes it."""
+    (cmd,) = unit_settings()["ExecReload"]
+    assert not cmd.startswith(("/bin/kill", "/usr/bin/kill")), cmd
+    flag = tmp_path / "hup"
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import pathlib, signal, sys, time\n"
+                              "signal.signal(signal.SIGHUP, lambda *a: (pathlib.Path(sys.argv[1])"
+                              ".write_text('x'), sys.exit(0)))\n"
+                              "print('ready', flush=True)\n"
+                              "time.sleep(30)\n", str(flag)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        argv = shlex.split(cmd.replace("$MAINPID", str(child.pid)))
+        subprocess.run(argv, check=True, timeout=10, env={"PATH": "/nonexistent"})
+        assert child.wait(timeout=10) == 0 and flag.exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_readme_install_block() -> None:
+    """The README's install commands, as `make systemd-check` reads and runs them: the
+    sysusers.d and tmpfiles.d directories do not exist on a fresh Debian (install -D)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "realcheck", ROOT / "deploy" / "systemd" / "realcheck.py")
+    assert spec is not None and spec.loader is not None
+    realcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(realcheck)
+    cmds = realcheck.readme_commands()
+    for d in ("/etc/sysusers.d/", "/etc/tmpfiles.d/"):
+        (line,) = [c for c in cmds if d in c]
+        assert line.startswith("install -D "), line
+    assert any("systemctl enable --now dhtnode" in c for c in cmds)
+    assert any("pip install ." in c for c in cmds)
+    adapted = [realcheck.adapt(c) for c in cmds]
+    assert not any(c.startswith("sudo ") for c in adapted)

@@ -9,7 +9,14 @@ as a tarball in the cache dir); wheels built on the host; `docker build --networ
 script started it. Teardown runs on failure and on Ctrl-C too.
 
 Environment: SWARM_PUB, SWARM_A, SWARM_B, SWARM_C (nodes per service, default 4, 3, 3, 2),
-SWARM_CACHE (default /var/cache/dhtnode-swarm), SWARM_KEEP=1 (leave the swarm running).
+SWARM_CACHE (default /var/cache/dhtnode-swarm), SWARM_KEEP=1 (leave the swarm running),
+SWARM_APT=0 (do not run apt-get: the caller already tried, as .ci/run does).
+
+Exit status: 0 all checks passed; 1 a step or check failed; 77 (EXIT_SKIPPED) the Docker
+engine cannot run on this machine at all (docker.io cannot be installed, or dockerd does not
+come up): a line `SKIPPED make swarm: <reason>` is printed and nothing was tested.
+deploy/systemd/realcheck.py (`make systemd-check`) reuses the helpers here, with the same
+exit statuses.
 """
 
 from __future__ import annotations
@@ -47,13 +54,17 @@ DOCKERD_ARGS = [
     "--default-address-pool", "base=100.126.0.0/16,size=24",
 ]
 
+#: Exit status when the Docker engine cannot run here at all (automake's "skipped").
+EXIT_SKIPPED = 77
+LOG_PREFIX = "swarm"
+
 T0 = time.monotonic()
 timings: list[tuple[str, float]] = []
 results: list[tuple[str, bool, str]] = []
 
 
 def log(msg: str) -> None:
-    print(f"[swarm {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+    print(f"[{LOG_PREFIX} {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 900, quiet: bool = False,
@@ -93,18 +104,47 @@ def compose(*args: str, check: bool = True,
 # --------------------------------------------------------------------------- setup
 
 
-def install_tools() -> None:
-    need = [pkg for tool, pkg in (("/usr/bin/docker", "docker.io"),
-                                  ("/usr/bin/docker-compose", "docker-compose"),
-                                  ("/usr/sbin/debootstrap", "debootstrap"))
-            if not Path(tool).exists()]
-    if need:
+class Skip(Exception):
+    """The Docker engine cannot run on this machine: the check is skipped, not failed."""
+
+
+TOOLS = (("/usr/bin/docker", "docker.io"), ("/usr/sbin/dockerd", "docker.io"),
+         ("/usr/bin/docker-compose", "docker-compose"), ("/usr/sbin/debootstrap", "debootstrap"))
+
+
+def install_tools(tools: tuple[tuple[str, str], ...] = TOOLS) -> None:
+    """apt-get install what is missing (one `apt-get update`). docker.io that cannot be
+    installed raises Skip; any other package that cannot be installed is a failure."""
+    need = sorted({pkg for tool, pkg in tools if not Path(tool).exists()})
+    if need and os.environ.get("SWARM_APT", "1") != "0" and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        sh("apt-get", "update", "-q", env=env)
-        sh("apt-get", "install", "-y", "-q", *need, env=env)
+        up = sh("apt-get", "update", "-q", env=env, check=False, timeout=600)
+        if up.returncode != 0:
+            log(f"apt-get update failed: {up.stderr.strip()[-500:]}")
+        # No service starts during the install (policy-rc.d, exit 101): on a machine with
+        # systemd, docker.io would start the system dockerd with Docker's defaults
+        # (172.17.0.0/16, iptables rules). Ours starts below, with its own address pools.
+        policy = Path("/usr/sbin/policy-rc.d")
+        ours = not policy.exists()
+        if ours:
+            policy.write_text("#!/bin/sh\n# dhtnode make swarm: no service starts\nexit 101\n")
+            policy.chmod(0o755)
+        try:
+            sh("apt-get", "install", "-y", "-q", "--no-install-recommends", *need, env=env,
+               check=False, timeout=900)
+        finally:
+            if ours:
+                policy.unlink(missing_ok=True)
+    missing = sorted({pkg for tool, pkg in tools if not Path(tool).exists()})
+    if "docker.io" in missing:
+        raise Skip("docker.io is not installed and apt-get could not install it")
+    if missing:
+        raise RuntimeError(f"could not install {' '.join(missing)}")
 
 
 def docker_up() -> bool:
+    if not Path(DOCKER).exists():
+        return False
     return sh(DOCKER, "info", "--format", "{{.ServerVersion}}", check=False, quiet=True,
               timeout=20).returncode == 0
 
@@ -125,14 +165,21 @@ class Dockerd:
             return
         CACHE.mkdir(parents=True, exist_ok=True)
         self.had_docker0 = Path("/sys/class/net/docker0").exists()
-        logf = open(CACHE / "dockerd.log", "ab")  # noqa: SIM115
+        logf = open(CACHE / "dockerd.log", "wb")  # noqa: SIM115  (this run's log only)
         self.proc = subprocess.Popen(["dockerd", "--pidfile", str(self.pidfile), *DOCKERD_ARGS],
                                      stdout=logf, stderr=logf, start_new_session=True)
         log(f"started dockerd pid {self.proc.pid} (log {CACHE / 'dockerd.log'})")
         deadline = time.monotonic() + 60
         while not docker_up():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dockerd did not come up; see " + str(CACHE / "dockerd.log"))
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                self.proc.wait()
+                self.proc = None
+                tail = (CACHE / "dockerd.log").read_text(errors="replace").strip()
+                lines = tail.splitlines()[-5:] or ["(empty log)"]
+                log("dockerd.log ends:\n  " + "\n  ".join(lines))
+                raise Skip(f"dockerd did not come up ({CACHE / 'dockerd.log'}: {lines[-1]})")
             time.sleep(0.5)
         # Bridged frames pass the host's iptables FORWARD chain (br_netfilter): it must accept.
         if shutil.which("iptables"):
@@ -160,41 +207,48 @@ class Dockerd:
             sh("ip", "link", "delete", "docker0", check=False)
 
 
-def base_image() -> None:
-    if sh(DOCKER, "image", "inspect", BASE_IMAGE, check=False, quiet=True).returncode == 0:
-        log(f"{BASE_IMAGE}: cached")
+def base_image(image: str = BASE_IMAGE, tar_name: str = "debian-py-bookworm.tar",
+               include: str = "python3,python3-venv,nftables,iproute2") -> None:
+    """``image`` from Debian packages: debootstrap --variant=minbase --include=``include``,
+    cached as a tarball in the cache dir and imported with `docker import`."""
+    if sh(DOCKER, "image", "inspect", image, check=False, quiet=True).returncode == 0:
+        log(f"{image}: cached")
         return
-    tarball = CACHE / "debian-py-bookworm.tar"
+    tarball = CACHE / tar_name
     if not tarball.exists():
         with tempfile.TemporaryDirectory(prefix="swarm-rootfs-", dir=CACHE) as tmp:
             rootfs = Path(tmp) / "rootfs"
-            sh("debootstrap", "--variant=minbase",
-               "--include=python3,python3-venv,nftables,iproute2",
+            sh("debootstrap", "--variant=minbase", f"--include={include}",
                "bookworm", str(rootfs), "http://deb.debian.org/debian", timeout=1800)
             sh("rm", "-rf", *[str(p) for p in (rootfs / "var/cache/apt/archives").glob("*.deb")],
                str(rootfs / "var/lib/apt/lists"), check=False, quiet=True)
             sh("tar", "-C", str(rootfs), "-cf", str(tarball) + ".part", ".")
             os.replace(str(tarball) + ".part", tarball)
     with open(tarball, "rb") as f:
-        log(f"$ docker import {tarball} {BASE_IMAGE}")
-        subprocess.run([DOCKER, "import", "-", BASE_IMAGE], stdin=f, check=True,
+        log(f"$ docker import {tarball} {image}")
+        subprocess.run([DOCKER, "import", "-", image], stdin=f, check=True,
                        capture_output=True, timeout=600)
 
 
-def build_image() -> None:
-    ctx = CACHE / "context"
-    shutil.rmtree(ctx, ignore_errors=True)
-    (ctx / "wheels").mkdir(parents=True)
-    (ctx / "deploy" / "swarm").mkdir(parents=True)
+def build_wheels(dest: Path) -> None:
+    """dhtnode and its dependencies as wheels in ``dest`` (pip on the host, with network)."""
+    dest.mkdir(parents=True, exist_ok=True)
     # Wheels from a copy of the source, so no build/ directory lands in the checkout.
     with tempfile.TemporaryDirectory(prefix="swarm-src-") as src:
-        for name in ("pyproject.toml", "README.md"):
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy2(ROOT / name, src)
         shutil.copytree(ROOT / "dhtnode", Path(src) / "dhtnode",
                         ignore=shutil.ignore_patterns("__pycache__"))
         py = ROOT / ".venv" / "bin" / "python"
         sh(str(py if py.exists() else sys.executable), "-m", "pip", "wheel", "-q",
-           "--disable-pip-version-check", src, "-w", str(ctx / "wheels"))
+           "--disable-pip-version-check", src, "-w", str(dest))
+
+
+def build_image() -> None:
+    ctx = CACHE / "context"
+    shutil.rmtree(ctx, ignore_errors=True)
+    (ctx / "deploy" / "swarm").mkdir(parents=True)
+    build_wheels(ctx / "wheels")
     for name in ("Dockerfile", ".dockerignore"):
         shutil.copy2(ROOT / name, ctx)
     shutil.copy2(HERE / "docker-entrypoint.sh", ctx / "deploy" / "swarm")
@@ -396,6 +450,7 @@ def main() -> int:
         return 2
     dockerd = Dockerd()
     failed: str | None = None
+    skipped: str | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -430,6 +485,9 @@ def main() -> int:
             check_announce_lookup()
         with Step("check connect across two NAT routers"):
             check_connect()
+    except Skip as exc:
+        skipped = str(exc)
+        log(f"SKIPPED: {skipped}")
     except (Exception, KeyboardInterrupt) as exc:
         failed = f"{type(exc).__name__}: {exc}"
         log(f"FAILED: {failed}")
@@ -443,6 +501,9 @@ def main() -> int:
     for name, ok, detail in results:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
     bad = [r for r in results if not r[1]]
+    if skipped:
+        print(f"\nSKIPPED make swarm: {skipped}")
+        return EXIT_SKIPPED
     if failed or bad:
         print(f"\nmake swarm: FAILED ({failed or f'{len(bad)} check(s) failed'})")
         return 1
