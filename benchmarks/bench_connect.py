@@ -36,7 +36,15 @@ Four parts, one figure per line, all under uvloop. Medians and p95 (nearest rank
    client's NAT class, the whole run (new node + connect + echo + close), and each failure
    as a line. Part 4 stops starting connects after LAB_BUDGET seconds.
 
-Options: ``--quick`` cuts every count; ``--parts 124`` picks parts; ``--verbose`` prints
+Bytecode: the child processes run with compiled bytecode (``.pyc``) as an installed package
+has it. A shell with ``PYTHONDONTWRITEBYTECODE=1`` (as the dev containers set) would make every
+fresh process compile all of dhtnode again (about 100 ms more per start here); the children
+get that variable removed and ``PYTHONPYCACHEPREFIX`` pointed at a temporary directory, so
+the warm-up run writes the cache there and the checkout stays untouched. ``--compile-each-run``
+keeps the inherited setting instead.
+
+Options: ``--quick`` cuts every count; ``--processes N`` sets part 2's runs; ``--parts 124``
+picks parts; ``--verbose`` prints
 every lab connect; ``--keep-logs`` keeps the lab daemons' logs. A failure in the product is
 printed as a figure line, never a crash. Nothing is sent outside 127.0.0.1 and the lab's
 namespaces. Absolute times move between runs on shared machines (the load average is in
@@ -47,7 +55,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -723,10 +733,26 @@ def part_4(c: Counts, verbose: bool, keep: bool) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def use_bytecode_cache() -> str:
+    """Let child processes read and write ``.pyc`` files (see the module docstring); the
+    cache lives in a temporary directory removed at exit. Returns how, for the header."""
+    if not sys.flags.dont_write_bytecode and "PYTHONPYCACHEPREFIX" in os.environ:
+        return f"cached in {os.environ['PYTHONPYCACHEPREFIX']}"
+    cache = tempfile.TemporaryDirectory(prefix="bench-connect-pyc-")
+    atexit.register(cache.cleanup)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = cache.name
+    return "cached (warm-up run writes it)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer connects, runs and bytes")
     ap.add_argument("--parts", default="1234", help="which parts to run (default: 1234)")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="part 2: fresh processes of each kind (default 12, --quick 4)")
+    ap.add_argument("--compile-each-run", action="store_true",
+                    help="keep PYTHONDONTWRITEBYTECODE for child processes (see the docstring)")
     ap.add_argument("--verbose", action="store_true", help="print every lab connect")
     ap.add_argument("--keep-logs", action="store_true", help="keep the lab's daemon logs")
     ap.add_argument("--lab-client", metavar="KEY", help=argparse.SUPPRESS)
@@ -738,10 +764,14 @@ def main() -> None:
         uvloop.run(lab_client(args.lab_client, args.bootstrap, args.count, args.budget))
         return
     c = QUICK if args.quick else FULL
+    if args.processes is not None:
+        c = dataclasses.replace(c, processes=args.processes)
+    pyc = "compiled each run" if args.compile_each_run else use_bytecode_cache()
     t0 = time.monotonic()
     print(f"# connect by public key, uvloop {version('uvloop')}, Python "
           f"{sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}{', --quick' if args.quick else ''}", flush=True)
+          f"{os.getloadavg()[0]:.2f}{', --quick' if args.quick else ''}, children's "
+          f"bytecode: {pyc}", flush=True)
     parts: dict[str, Callable[[], None]] = {
         "1": lambda: uvloop.run(with_dht(lambda peers, tasks: part_1(c, peers, tasks))),
         "2": lambda: part_2(c),

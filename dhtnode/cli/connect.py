@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import signal
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,54 @@ from dhtnode.cli.common import (
     emit,
     net_args,
     run_async,
-    setup_logging,
 )
 
 #: Bytes read from stdin (or a stream) at once when piping.
 PIPE_CHUNK = 65536
+
+#: Modules aioquic 1.7's ``tls.py`` imports at its top but uses only in ``verify_certificate``,
+#: which runs only with ``verify_mode`` other than CERT_NONE (a server name checked against a
+#: CA store). dhtnode pins the peer's key and sets CERT_NONE (transport/quic.py), so a CLI
+#: process never uses them, yet service_identity (with attrs) costs about 20 ms of every fresh
+#: ``dhtnode ping``/``connect``/``listen`` (median of 15 runs, 2-core machine). aioquic offers
+#: no switch, and importlib's LazyLoader cannot help on 3.11 (the ``import`` statement reads
+#: ``__spec__``, which loads a lazy module at once), hence :class:`_DeferredModule`.
+DEFERRED_TLS_IMPORTS = ("service_identity", "certifi")
+
+
+class _DeferredModule(types.ModuleType):
+    """Stands in ``sys.modules`` for a module not loaded yet. The first attribute it lacks
+    loads the real module (which then takes its place in ``sys.modules``), copies its
+    namespace in and answers from it, so code holding this object sees the real module."""
+
+    def __getattr__(self, attr: str) -> Any:
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        real = importlib.import_module(name)
+        self.__dict__.update(real.__dict__)
+        return getattr(real, attr)
+
+
+def defer_unused_tls_imports(names: tuple[str, ...] = DEFERRED_TLS_IMPORTS) -> None:
+    """Put a :class:`_DeferredModule` in ``sys.modules`` for each of ``names`` that is
+    installed and not imported yet. Only the CLI does this (at the import of this module,
+    before any verb imports aioquic): a program using the library keeps its modules as is."""
+    for name in names:
+        if name in sys.modules or importlib.util.find_spec(name) is None:
+            continue
+        sys.modules[name] = _DeferredModule(name)
+
+
+defer_unused_tls_imports()
+
+
+def _setup_logging(cfg: Any) -> None:
+    """As ``common.setup_logging``, but structlog is imported only when the first event at
+    the configured level comes (these verbs log only through ``daemon/logging.py``)."""
+    from dhtnode.daemon.logging import configure_logging
+
+    configure_logging(cfg.log.level, cfg.log.format, lazy=True)
 
 
 def parse_key(text: str, what: str) -> bytes:
@@ -76,8 +122,8 @@ def add_parsers(sub: Any) -> None:
 
 def _load_key(args: argparse.Namespace, cfg: Any, *, default_state: bool) -> Any:
     from dhtnode.crypto.identity import Identity, load_or_create_identity
-    from dhtnode.daemon.service import identity_path
     from dhtnode.daemon.state import ensure_state_dir
+    from dhtnode.daemon.wiring import identity_path
 
     if args.key_file is not None:
         return load_or_create_identity(args.key_file)[0]
@@ -135,10 +181,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port: must be 0-65535, got {args.port}")
     cfg = config_from_args(args)
-    setup_logging(cfg)
+    _setup_logging(cfg)
 
     async def main() -> int:
-        from dhtnode.daemon.service import client_node, resolve
+        from dhtnode.daemon.client import client_node
+        from dhtnode.daemon.wiring import resolve
 
         ident = _load_key(args, cfg, default_state=True)
         seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
@@ -179,10 +226,11 @@ async def _pipe_server(conn: Any) -> None:
 def cmd_connect(args: argparse.Namespace) -> int:
     key = parse_key(args.public_key, "PUBKEY")
     cfg = config_from_args(args)
-    setup_logging(cfg)
+    _setup_logging(cfg)
 
     async def main() -> int:
-        from dhtnode.daemon.service import client_node, resolve
+        from dhtnode.daemon.client import client_node
+        from dhtnode.daemon.wiring import resolve
         from dhtnode.wire.address import format_addr
 
         ident = _load_key(args, cfg, default_state=False)
@@ -211,10 +259,11 @@ def cmd_ping_key(args: argparse.Namespace) -> int:
         res = asyncio.run(control.request(path, "ping_key", public_key=key.hex(), timeout=30))
     else:
         cfg = config_from_args(args)
-        setup_logging(cfg)
+        _setup_logging(cfg)
 
         async def main() -> dict[str, Any]:
-            from dhtnode.daemon.service import client_node, ping_key, resolve
+            from dhtnode.daemon.client import client_node, ping_key
+            from dhtnode.daemon.wiring import resolve
 
             seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
             async with client_node(cfg, bootstrap=seeds) as c:
@@ -231,10 +280,11 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     topic = topic_arg(args)
     cfg = config_from_args(args)
-    setup_logging(cfg)
+    _setup_logging(cfg)
 
     async def main() -> int:
-        from dhtnode.daemon.service import client_node, resolve
+        from dhtnode.daemon.client import client_node
+        from dhtnode.daemon.wiring import resolve
         from dhtnode.transport.swarm import Swarm
         from dhtnode.wire.address import format_addr
 

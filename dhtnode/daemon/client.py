@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity
@@ -24,10 +26,19 @@ from dhtnode.dht.node import DhtNode
 from dhtnode.dht.op import NoAnswer
 from dhtnode.errors import DhtnodeError
 from dhtnode.nat.punch import PUNCH_DEADLINE
-from dhtnode.transport.connections import Connection, Connections, Server
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
+
+if TYPE_CHECKING:
+    from dhtnode.transport.connections import Connection, Connections, Server
+
+#: The QUIC side of a client node (aioquic, cryptography, the connection manager): about a
+#: third of a fresh ``dhtnode ping``'s start-up. :func:`client_node` imports it in a worker
+#: thread while the bootstrap round trips run and waits for it only after them; on a real
+#: network (RTTs of tens of ms) the import is then mostly hidden. Imports in a thread do not
+#: overlap with other Python work (the GIL; measured: no gain), only with the loop's waits.
+CONNECTIONS_MODULE = "dhtnode.transport.connections"
 
 
 @dataclass
@@ -75,6 +86,9 @@ async def client_node(
             "no bootstrap node: pass --bootstrap HOST:PORT (repeatable), set node.bootstrap in "
             "the config, or run a daemon first so its node cache can be used"
         )
+    loop = asyncio.get_running_loop()
+    connections_module: asyncio.Future[ModuleType] = loop.run_in_executor(
+        None, importlib.import_module, CONNECTIONS_MODULE)
     ident = identity or Identity.generate()
     node = DhtNode(
         ident,
@@ -88,9 +102,13 @@ async def client_node(
     host = "0.0.0.0" if cfg.node.host in ("", "0.0.0.0") else cfg.node.host
     services = plug_in(node)
     ep = await NodeEndpoint.create_on(open_udp_socket(host, port), node, on_event=log_event)
-    conns = Connections(ep, services, on_event=log_event)
+    conns: Connections | None = None
     try:
-        if await ep.run(lambda n: n.bootstrap()) == 0:
+        joined = await ep.run(lambda n: n.bootstrap())
+        # A one-shot client is in nobody's table, so no punch or QUIC datagram is addressed
+        # to it before it connects or listens: the connection manager can plug in this late.
+        conns = (await connections_module).Connections(ep, services, on_event=log_event)
+        if joined == 0:
             shown = ", ".join(wire_address.format_addr(a) for a in bootstrap[:4])
             more = f" and {len(bootstrap) - 4} more" if len(bootstrap) > 4 else ""
             log.warning("bootstrap_unanswered", seeds=[wire_address.format_addr(a)
@@ -101,8 +119,11 @@ async def client_node(
             )
         yield ClientNode(ep, ident, conns)
     finally:
-        await conns.close()
+        if conns is not None:
+            await conns.close()
         ep.close()
+        with contextlib.suppress(Exception):  # import errors surface above when awaited
+            await connections_module
 
 
 #: Messages echoed by a key ping, and their size.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -295,6 +294,8 @@ def load_config(path: Path | None) -> Config:
     """Defaults, overlaid with the TOML file at ``path`` (if given)."""
     if path is None:
         return Config()
+    import tomllib  # only with a config file: a one-shot command without one skips it
+
     try:
         raw = Path(path).expanduser().read_bytes()
     except OSError as exc:

@@ -22,9 +22,14 @@ import enum
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from dhtnode.dht.diversity import HOST_LIMIT, pick_diverse, prefix_limit, within_bounds
+from dhtnode.dht.diversity import (
+    HOST_LIMIT,
+    contact_groups,
+    pick_diverse,
+    prefix_limit,
+    within_bounds,
+)
 from dhtnode.dht.ids import node_id_for
-from dhtnode.wire import netgroup
 from dhtnode.wire.address import Address
 
 #: Candidates kept per lookup, as a multiple of k: far ones beyond this are forgotten.
@@ -82,7 +87,7 @@ class Lookup:
         for addr in addrs:
             if addr in self._peers or addr in self._exclude:
                 continue
-            g = netgroup.groups(addr[0])
+            g = contact_groups(addr[0])
             if g is not None and self._hosts.get(g[0], 0) >= HOST_LIMIT:
                 self.refused += 1
                 continue

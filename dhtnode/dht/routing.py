@@ -23,10 +23,15 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dhtnode.dht.diversity import HOST_LIMIT, pick_diverse, prefix_limit, within_bounds
+from dhtnode.dht.diversity import (
+    HOST_LIMIT,
+    contact_groups,
+    pick_diverse,
+    prefix_limit,
+    within_bounds,
+)
 from dhtnode.dht.ids import ID_BITS, ID_LEN, bucket_index
 from dhtnode.wire import address as wire_address
-from dhtnode.wire import netgroup
 from dhtnode.wire.address import Address
 
 #: Tables up to this size answer ``closest`` by ranking every contact: measured faster than the
@@ -109,7 +114,7 @@ class RoutingTable:
             known.failures = 0
             bucket.move_to_end(key)
             return None
-        g = netgroup.groups(addr[0])
+        g = contact_groups(addr[0])
         host, prefix = g or ("", "")
         contact = Contact(node_id, key, addr, now, 0, wire_address.encode(addr), host, prefix, g)
         if host and _count_host(bucket, host) >= HOST_LIMIT:
@@ -148,7 +153,7 @@ class RoutingTable:
         if key == self._local or addr in self._by_addr:
             return False
         bucket = self._buckets[bucket_index(self._local, key)]
-        host, prefix = netgroup.groups(addr[0]) or ("", "")
+        host, prefix = contact_groups(addr[0]) or ("", "")
         if host and _count_host(bucket, host) >= HOST_LIMIT:
             return False
         if len(bucket) < self.k or any(c.failures for c in bucket.values()):
