@@ -7,7 +7,9 @@ not counted):
 * ``import dhtnode.cli.main``: ``python -c`` start to its first byte on stdout;
 * ``dhtnode connect KEY`` with one byte waiting on stdin: start to that byte echoed back
   (the figure HyperDHT reaches in about 60 ms, shared/targets.md);
-* ``dhtnode ping KEY --json``: start to exit (connect, 3 echoes, close, interpreter exit).
+* ``dhtnode ping KEY --json``: start to exit (connect, 3 echoes, close, interpreter exit);
+* ``dhtnode ping KEY --via-daemon --json``: the same through a running daemon (one of the
+  three nodes), which makes the connection: what a user with a daemon feels.
 
 Each figure also gets the CPU time the process used (user + system, from the waited-for
 child's rusage): on a loaded machine wall times swing by tens of ms, CPU times much less.
@@ -24,11 +26,14 @@ Everything is sent to 127.0.0.1 only; every process started is stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import bench_connect
@@ -37,6 +42,7 @@ from bench_connect import (
     ROOT,
     Daemons,
     connect_process,
+    dhtnode_cmd,
     free_udp_port,
     line,
     med_p95,
@@ -61,6 +67,21 @@ def children_cpu_ms() -> float:
     return (r.ru_utime + r.ru_stime) * 1000
 
 
+def ping_via_daemon(key: str, daemon_state: Path) -> float:
+    """A fresh ``dhtnode ping KEY --via-daemon --json`` against the daemon whose state dir
+    is ``daemon_state``: ms from start to exit."""
+    t0 = time.perf_counter()
+    out = subprocess.run(dhtnode_cmd("ping", key, "--via-daemon", "--json", "--state-dir",
+                                     str(daemon_state)),
+                         capture_output=True, cwd=bench_connect.ROOT, timeout=60)
+    wall = (time.perf_counter() - t0) * 1000
+    res = json.loads(out.stdout.splitlines()[-1]) if out.stdout else {}
+    if out.returncode != 0 or not res.get("ok"):
+        raise RuntimeError(f"ping --via-daemon exit {out.returncode}: {out.stdout!r} "
+                           f"{out.stderr[-500:]!r}")
+    return wall
+
+
 def diff(a: list[float], b: list[float]) -> str:
     d = [x - y for x, y in zip(a, b, strict=True)]
     return f"paired difference median {statistics.median(d):+7.1f} ms" if d else ""
@@ -78,8 +99,9 @@ def main() -> None:
     print(f"# start-up, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}, {args.runs} rounds, bytecode {pyc}", flush=True)
     figures = ("import dhtnode.cli.main", "connect KEY: start to 1st echo",
-               "ping KEY: start to exit", "CPU: import dhtnode.cli.main",
-               "CPU: connect KEY, whole process", "CPU: ping KEY, whole process")
+               "ping KEY: start to exit", "ping KEY --via-daemon: start to exit",
+               "CPU: import dhtnode.cli.main", "CPU: connect KEY, whole process",
+               "CPU: ping KEY, whole process", "CPU: ping KEY --via-daemon, process")
     got: dict[str, dict[str, list[float]]] = {t: {f: [] for f in figures} for t in trees}
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as d:
         daemons = Daemons(Path(d))
@@ -97,7 +119,8 @@ def main() -> None:
                     cpus: list[float] = []
                     for run in (lambda: timed_floor("dhtnode.cli.main"),
                                 lambda: connect_process(key, boot, Path(d) / "client")[0],
-                                lambda: ping_process(key, boot, Path(d) / "client")[0]):
+                                lambda: ping_process(key, boot, Path(d) / "client")[0],
+                                lambda: ping_via_daemon(key, Path(d) / "dht1")):
                         cpu0 = children_cpu_ms()
                         walls.append(run())
                         cpus.append(children_cpu_ms() - cpu0)

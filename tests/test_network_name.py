@@ -25,10 +25,11 @@ from dhtnode.sim.network import SimHost, SimNetwork
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire import messages as m
 from dhtnode.wire.address import normalize
+from dhtnode.wire.network import NETWORK_ID_LEN, PUBLIC_NETWORK, network_id
 
-ALPHA = m.network_id("alpha")
-BETA = m.network_id("beta")
-networks = st.none() | st.binary(min_size=m.NETWORK_ID_LEN, max_size=m.NETWORK_ID_LEN)
+ALPHA = network_id("alpha")
+BETA = network_id("beta")
+networks = st.none() | st.binary(min_size=NETWORK_ID_LEN, max_size=NETWORK_ID_LEN)
 addresses = st.one_of(
     st.tuples(st.ip_addresses(v=4).map(str), st.integers(1, 65535)),
     st.tuples(
@@ -42,11 +43,11 @@ addresses = st.one_of(
 
 
 def test_network_id_derivation() -> None:
-    assert m.network_id(m.PUBLIC_NETWORK) is None
-    assert ALPHA is not None and len(ALPHA) == m.NETWORK_ID_LEN
+    assert network_id(PUBLIC_NETWORK) is None
+    assert ALPHA is not None and len(ALPHA) == NETWORK_ID_LEN
     assert ALPHA != BETA
     # The documented derivation (docs/PROTOCOL.md): every implementation gets the same id.
-    assert m.network_id("alpha") == bytes.fromhex("edee6050")
+    assert network_id("alpha") == bytes.fromhex("edee6050")
 
 
 @given(st.sampled_from(list(m.Command)), st.integers(0, 2**32 - 1), networks,
@@ -201,10 +202,10 @@ async def test_loopback_same_name_joins_other_name_is_dropped() -> None:
 
 
 def test_config_default_is_public_and_reaches_the_engine() -> None:
-    assert Config().node.network == m.PUBLIC_NETWORK
+    assert Config().node.network == PUBLIC_NETWORK
     assert params_from_config(Config()).network is None
     cfg = Config(node=NodeConfig(network="lab-7"))
-    assert params_from_config(cfg).network == m.network_id("lab-7")
+    assert params_from_config(cfg).network == network_id("lab-7")
 
 
 def test_config_file_network(tmp_path) -> None:  # type: ignore[no-untyped-def]

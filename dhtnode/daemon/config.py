@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dhtnode.dht.node import DhtParams
+from dhtnode.dht.params import DhtParams
 from dhtnode.errors import ConfigError
-from dhtnode.nat.relay import RelayLimits
+from dhtnode.nat.relay_limits import RelayLimits
 from dhtnode.wire.address import parse_host_port
-from dhtnode.wire.messages import PUBLIC_NETWORK
+from dhtnode.wire.network import PUBLIC_NETWORK
 
 #: Longest network name (``[node] network``): a label, not a secret, and it is never sent.
 MAX_NETWORK_NAME = 64

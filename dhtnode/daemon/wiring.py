@@ -16,7 +16,7 @@ from dhtnode.dht.node import DhtParams
 from dhtnode.dht.records import Record
 from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
-from dhtnode.wire.messages import network_id
+from dhtnode.wire.network import network_id
 
 log = get_logger("dhtnode")
 

@@ -23,6 +23,7 @@ from dhtnode.dht.rpc import Rpc
 from dhtnode.wire import address as wire_address
 from dhtnode.wire import messages as m
 from dhtnode.wire.address import Address
+from dhtnode.wire.network import NETWORK_ID_LEN
 
 #: Seconds after joining before the first extra self-lookup of a thin routing table.
 FIRST_GROW_DELAY = 2.0
@@ -143,7 +144,7 @@ class Maintenance:
             alen = wire_address.compact_len(source)
             fixed = m.HEADER_LEN + alen + (32 if node_id else 0) + 1 + tokens.TOKEN_LEN + 1
             if ctx.params.network is not None:
-                fixed += m.NETWORK_ID_LEN
+                fixed += NETWORK_ID_LEN
             budget = rpc.answer_budget(req, source, proof)
             if budget < fixed:
                 # Our PING to verify it took most of the budget: no room for a token either.

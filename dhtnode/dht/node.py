@@ -21,7 +21,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from dhtnode.crypto.identity import Identity
@@ -31,6 +30,7 @@ from dhtnode.dht.ids import ID_LEN, node_id_for
 from dhtnode.dht.lookup import Lookup
 from dhtnode.dht.maintenance import Maintenance
 from dhtnode.dht.op import Op
+from dhtnode.dht.params import DhtParams
 from dhtnode.dht.query import Queries
 from dhtnode.dht.reachability import Reachability
 from dhtnode.dht.routing import RoutingTable
@@ -51,34 +51,6 @@ __all__ = ["DhtNode", "DhtParams", "LookupResult", "Service"]
 
 #: Datagram receivers a service may own (first-byte ranges of ``wire/demux.py``).
 Receiver = Callable[[bytes, Address], None]
-
-
-@dataclass(frozen=True, slots=True)
-class DhtParams:
-    k: int = 20
-    alpha: int = 3
-    #: Seconds before an unanswered request fails.
-    request_timeout: float = 1.0
-    #: Seconds after which a lookup request stops counting against alpha.
-    slow_after: float = 0.25
-    #: Retransmissions for single requests (ping, announce); lookups move on instead.
-    retries: int = 1
-    bucket_refresh: float = 900.0
-    record_ttl: float = 1200.0
-    max_records: int = 65536
-    max_records_per_topic: int = 32
-    max_records_per_ip: int = 128
-    #: Seconds between reachability re-checks once serving (and back-off cap while a client).
-    reachability_recheck: float = 600.0
-    #: Longest interval between self-lookups while the routing table has fewer than k nodes
-    #: (the first comes after 2 s and the interval doubles up to this).
-    rejoin_interval: float = 30.0
-    #: Our network's id (``wire.messages.network_id``), carried by every DHT message we send;
-    #: messages of another network are dropped. None: the public network (no id on the wire).
-    network: bytes | None = None
-    #: Emit sampled ``rpc_request`` / ``rpc_reply`` events (``dht/rpc.py``): the daemon turns
-    #: this on at log level debug.
-    rpc_trace: bool = False
 
 
 class Service:

@@ -21,9 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dhtnode.errors import DecodeError
+from dhtnode.nat.relay_limits import RelayLimits
 from dhtnode.wire import address as wire_address
 from dhtnode.wire import relay as wire
 from dhtnode.wire.address import Address
+
+__all__ = ["RelayLimits", "RelayTable"]
 
 _FROM_RELAY = bytes((wire.RelayType.DATA_FROM_RELAY,))
 
@@ -33,21 +36,6 @@ SECRET_ROTATE = 300.0
 #: Seconds a member may stay silent before its session is dropped (QUIC keep-alives every
 #: 10 s keep a live one going).
 IDLE_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class RelayLimits:
-    #: Sessions at once in all.
-    max_sessions: int = 256
-    #: Sessions at once with one member IP: a carrier NAT puts many users behind one IP, and
-    #: every introduction creates a session that lives until it idles out (30 s).
-    max_sessions_per_ip: int = 64
-    #: Bytes per second one session may forward (both directions together).
-    session_rate: float = 1_000_000.0
-    #: Bytes per second the relay forwards in all.
-    total_rate: float = 10_000_000.0
-    #: Seconds a session may live, whatever its traffic.
-    max_duration: float = 3600.0
 
 
 @dataclass(slots=True)

@@ -36,7 +36,6 @@ This module owns only the byte layout. What a command means lives in ``dhtnode.d
 from __future__ import annotations
 
 import enum
-import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ from dhtnode.errors import DecodeError
 from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
 from dhtnode.wire.demux import DHT_REQUEST, DHT_RESPONSE
+from dhtnode.wire.network import NETWORK_ID_LEN
 
 PROTOCOL_VERSION = 1
 #: Largest datagram this node sends. 1200 bytes fits the IPv6 minimum MTU (1280) with headers,
@@ -71,26 +71,6 @@ _RESPONSE_FLAGS = F_ID | F_TOKEN | F_VALUE | F_NODES | F_ERROR | F_MORE | F_NETW
 HEADER_LEN = 8
 
 _HEADER = struct.Struct(">BBBBI")
-
-#: Bytes of a network id (F_NETWORK). 32 bits: two test swarms picking names collide with
-#: odds of one in four billion, and every message of a private network pays only 4 bytes.
-NETWORK_ID_LEN = 4
-#: The network name that sends no network id (the flag clear): the public network, so its
-#: packets and every deployment from before networks existed stay byte for byte the same.
-PUBLIC_NETWORK = "public"
-#: Domain separation of the network id hash, so it never equals another hash of the name.
-_NETWORK_PERSON = b"dhtnode-network:"
-
-
-def network_id(name: str) -> bytes | None:
-    """The id of the network called ``name``: None for :data:`PUBLIC_NETWORK` (no F_NETWORK),
-    else the first :data:`NETWORK_ID_LEN` bytes of BLAKE2b-256(``"dhtnode-network:"`` ||
-    UTF-8 name)."""
-    if name == PUBLIC_NETWORK:
-        return None
-    digest = hashlib.blake2b(_NETWORK_PERSON + name.encode("utf-8"), digest_size=32).digest()
-    return digest[:NETWORK_ID_LEN]
-
 
 class MessageError(DecodeError):
     """A DHT datagram does not follow the layout above."""
