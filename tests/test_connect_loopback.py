@@ -103,3 +103,30 @@ async def test_port_searches_toward_one_ip_are_budgeted(net: list[Peer]) -> None
     allowed = [conns.punch.search_allowed("198.51.100.9") for _ in range(SEARCHES_PER_IP + 2)]
     assert allowed == [True] * SEARCHES_PER_IP + [False, False]
     assert conns.punch.search_allowed("198.51.100.10")
+
+
+async def test_incoming_connections_are_bounded_per_key(
+    net: list[Peer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client key holds at most MAX_INCOMING_PER_KEY connections to a listener: the next
+    introduction is refused as busy (before anything is punched), with a message that says
+    so; once one closes, the key connects again."""
+    from dhtnode.transport import connections
+
+    monkeypatch.setattr(connections, "MAX_INCOMING_PER_KEY", 2)
+    server, client = net[-1], net[-4]
+    key = Identity.generate()
+    me = Identity.generate()
+    await server.conns.listen(key, lambda conn: None)
+    first = await client.conns.connect(key.public_key, identity=me)
+    second = await client.conns.connect(key.public_key, identity=me)
+    busy_before = server.ep.node.stats["hello_busy"]
+    with pytest.raises(ConnectRefused, match="as many connections as it takes"):
+        await client.conns.connect(key.public_key, identity=me)
+    assert server.ep.node.stats["hello_busy"] == busy_before + 1
+    # Another key is not held back by this one's connections.
+    other = await client.conns.connect(key.public_key, identity=Identity.generate())
+    await first.close()
+    third = await client.conns.connect(key.public_key, identity=me)
+    for c in (second, other, third):
+        await c.close()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dhtnode.connect.handshake import ClientHandshake, HandshakeError, seal_hello
+from dhtnode.connect.listen import REFUSED_BUSY
 from dhtnode.connect.peerinfo import PeerInfo, PeerInfoError
 from dhtnode.connect.relay import RelayOffer, decode_offer
 from dhtnode.crypto.identity import Identity
@@ -134,7 +135,10 @@ def introduce(
                     errors.append(f"{wire_address.format_addr(via)}: {exc}")
                 else:
                     if not reply.accepted:
-                        op.set_error(ConnectRefused(f"the listener of {key_hex} refused our key"))
+                        why = ("has as many connections as it takes from us (or in all); "
+                               "close one or try again later" if reply.reason == REFUSED_BUSY
+                               else "refused our key")
+                        op.set_error(ConnectRefused(f"the listener of {key_hex} {why}"))
                         return
                     try:
                         info = PeerInfo.decode(reply.payload)

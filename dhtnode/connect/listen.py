@@ -44,6 +44,9 @@ KEEPALIVE_INTERVAL = 20.0
 MIN_REANNOUNCE_GAP = 5.0
 #: Reason code in a refused reply: the key is not allowed.
 REFUSED_NOT_ALLOWED = 1
+#: Reason code in a refused reply: the listener holds as many connections as it takes from
+#: this key, this address or in all (the driver's limits, :attr:`Listeners.admit`).
+REFUSED_BUSY = 2
 #: Keys a node listens on at once.
 MAX_LISTENERS = 64
 
@@ -92,6 +95,10 @@ class Listeners(Service):
         #: told to peers when the DHT has shown us no IPv6 address of ours: IPv6 has no NAT,
         #: so a peer with IPv6 can race it beside an IPv4 punch (``nat/candidates.py``).
         self.own_v6: tuple[Address, ...] = ()
+        #: The driver's connection limits: called with an allowed client's key and the
+        #: address the introducer saw; False refuses the hello (:data:`REFUSED_BUSY`) before
+        #: anything is punched. None: no limits (a bare engine).
+        self.admit: Callable[[bytes, Address], bool] | None = None
         #: Mapped ports the driver sampled from a fresh socket after the DHT's samples went
         #: stale (a sequential NAT moves on with every new flow): see :meth:`set_fresh_samples`.
         self.fresh_port_samples: tuple[int, ...] = ()
@@ -237,6 +244,12 @@ class Listeners(Service):
             ctx.stats["hello_refused"] += 1
             ctx.emit("connection_refused", client_key=hs.client_key.hex())
             reply = hs.seal_reply(accepted=False, payload=b"", reason=REFUSED_NOT_ALLOWED)
+            self._rpc.respond(req, source, value=reply)
+            return
+        if self.admit is not None and not self.admit(hs.client_key, client_addr):
+            ctx.stats["hello_busy"] += 1
+            ctx.emit("connection_refused", client_key=hs.client_key.hex(), reason="busy")
+            reply = hs.seal_reply(accepted=False, payload=b"", reason=REFUSED_BUSY)
             self._rpc.respond(req, source, value=reply)
             return
         ctx.stats["hello_accepted"] += 1

@@ -100,6 +100,14 @@ PROBE_AFTER = 1.0
 PEER_DEAD_AFTER = 4.5
 #: Seconds between liveness checks.
 WATCH_TICK = 0.25
+#: Incoming connections a listener holds at once from one client key, from one IP (a carrier
+#: NAT puts many users behind one), and in all. Each costs a QUIC connection's state and up to
+#: its receive windows in buffers; beyond these an introduction is refused as busy before
+#: anything is punched. A client needs one connection (streams multiplex); a few more cover
+#: restarts whose old connection has not timed out yet.
+MAX_INCOMING_PER_KEY = 16
+MAX_INCOMING_PER_IP = 64
+MAX_INCOMING = 1024
 
 
 class PunchError(OperationError):
@@ -190,6 +198,10 @@ class Connections(Service):
         self.bridge = QuicBridge(self.node.stats, on_event=on_event)
         self.pool = pool or SocketPool(bind_host="::" if endpoint.is_v6 else "0.0.0.0")
         self._servers: dict[bytes, Callable[[Connection], None]] = {}
+        #: Incoming connections by client key and by client IP (the limits above), until
+        #: they are gone; one that is closing no longer counts.
+        self._incoming_keys: dict[bytes, list[Connection]] = {}
+        self._incoming_ips: dict[str, list[Connection]] = {}
         self.stats: Counter[str] = self.node.stats
         self._tasks: set[asyncio.Task[None]] = set()
         #: Punch attempts since our last fresh port samples (see :data:`RESAMPLE_SERVERS`).
@@ -201,6 +213,7 @@ class Connections(Service):
             on_start=self._punch_started, on_result=self._punch_finished,
         )
         services.relay.member_sink = self.relays.receive
+        services.listeners.admit = self._admit
         self.node.register(self)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -599,6 +612,7 @@ class Connections(Service):
                 slot = next((n for n, p in att.kept.items() if p is quic.path), 0)
                 self.punch.close_with(quic, att, slot)
                 conn = Connection(quic, "direct", strategy, 0.0, slot)
+            self._count_incoming(conn, client[0])
             on_connection(conn)
 
         for ip in dict.fromkeys(a[0] for a in peer + targets.extra):
@@ -606,6 +620,37 @@ class Connections(Service):
                 ip, identity=ident, allowed_key=intro.handshake.client_key, deadline=deadline,
                 on_connection=accepted,
             )
+
+    def _admit(self, client_key: bytes, client: Address) -> bool:
+        """Whether a listener takes one more connection from this key and address (called
+        inside the engine, before the hello is answered). A connection in its closing period
+        (about 90 ms after a close) no longer counts."""
+
+        def live(conns: list[Connection]) -> int:
+            return sum(not c.quic.closed for c in conns)
+
+        if (
+            live(self._incoming_keys.get(client_key, [])) >= MAX_INCOMING_PER_KEY
+            or live(self._incoming_ips.get(client[0], [])) >= MAX_INCOMING_PER_IP
+            or sum(live(v) for v in self._incoming_keys.values()) >= MAX_INCOMING
+        ):
+            self.stats["incoming_limit"] += 1
+            return False
+        return True
+
+    def _count_incoming(self, conn: Connection, ip: str) -> None:
+        key = conn.peer_key
+        self._incoming_keys.setdefault(key, []).append(conn)
+        self._incoming_ips.setdefault(ip, []).append(conn)
+
+        async def forget() -> None:
+            try:
+                await conn.quic.wait_closed()
+            finally:
+                _forget(self._incoming_keys, key, conn)
+                _forget(self._incoming_ips, ip, conn)
+
+        self._spawn(forget())
 
     # ------------------------------------------------------------------ port samples
 
@@ -715,3 +760,11 @@ async def watch_peer(
         if silent >= probe_after and now - probed >= probe_after:
             probed = now
             quic.probe()
+
+
+def _forget(table: dict[Any, list[Connection]], key: Any, conn: Connection) -> None:
+    conns = table.get(key, [])
+    if conn in conns:
+        conns.remove(conn)
+    if not conns:
+        table.pop(key, None)
