@@ -130,3 +130,31 @@ async def test_incoming_connections_are_bounded_per_key(
     third = await client.conns.connect(key.public_key, identity=me)
     for c in (second, other, third):
         await c.close()
+
+
+async def test_a_listener_keeps_its_addresses_current(
+    net: list[Peer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While it listens, a node looks at its LAN and IPv6 addresses again every
+    ADDRESS_REFRESH seconds (they change under a long-running listener), and stops when it
+    no longer listens."""
+    from dhtnode.transport import connections
+
+    monkeypatch.setattr(connections, "ADDRESS_REFRESH", 0.05)
+    server = net[-5]
+    calls: list[float] = []
+    real = server.conns._refresh_lan_addresses
+
+    def counted() -> None:
+        calls.append(time.monotonic())
+        real()
+
+    monkeypatch.setattr(server.conns, "_refresh_lan_addresses", counted)
+    listening = await server.conns.listen(Identity.generate(), lambda conn: None)
+    await asyncio.sleep(0.5)
+    assert len(calls) >= 4
+    await server.conns.unlisten(listening)
+    await asyncio.sleep(0.2)
+    settled = len(calls)
+    await asyncio.sleep(0.3)
+    assert len(calls) == settled

@@ -100,6 +100,9 @@ PROBE_AFTER = 1.0
 PEER_DEAD_AFTER = 4.5
 #: Seconds between liveness checks.
 WATCH_TICK = 0.25
+#: Seconds between two looks at our LAN and IPv6 addresses while we listen (a few syscalls,
+#: no datagram): an IPv6 temporary address is replaced about daily, a DHCP lease in hours.
+ADDRESS_REFRESH = 60.0
 #: Incoming connections a listener holds at once from one client key, from one IP (a carrier
 #: NAT puts many users behind one), and in all. Each costs a QUIC connection's state and up to
 #: its receive windows in buffers; beyond these an introduction is refused as busy before
@@ -207,6 +210,7 @@ class Connections(Service):
         #: Punch attempts since our last fresh port samples (see :data:`RESAMPLE_SERVERS`).
         self._samples_stale = False
         self._resampling: asyncio.Task[None] | None = None
+        self._addresses_refresh: asyncio.Task[None] | None = None
         self.relays = RelayPaths(endpoint, self._on_relayed, self.stats)
         self.punch = PunchDriver(
             endpoint, self.bridge, self.pool, self.stats, spawn=self._spawn,
@@ -295,7 +299,19 @@ class Connections(Service):
             # After the announcement's flows: the first client then gets our NAT's position.
             with contextlib.suppress(Exception):
                 await self._start_resample()
+        if self._addresses_refresh is None or self._addresses_refresh.done():
+            self._addresses_refresh = asyncio.get_running_loop().create_task(
+                self._refresh_addresses_while_listening())
+            self._tasks.add(self._addresses_refresh)
+            self._addresses_refresh.add_done_callback(self._tasks.discard)
         return Server(identity.public_key, holder[0], self)
+
+    async def _refresh_addresses_while_listening(self) -> None:
+        """A listener answers introductions for days: its LAN and IPv6 addresses (the
+        peer info of every reply) follow DHCP renewals and IPv6 privacy-address rotation."""
+        while self._servers:
+            await asyncio.sleep(ADDRESS_REFRESH)
+            self._refresh_lan_addresses()
 
     async def unlisten(self, server: Server) -> None:
         self._servers.pop(server.public_key, None)
