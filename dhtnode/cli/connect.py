@@ -185,11 +185,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from dhtnode.daemon.client import client_node
-        from dhtnode.daemon.wiring import resolve
 
         ident = _load_key(args, cfg, default_state=True)
-        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-        async with client_node(cfg, bootstrap=seeds, port=args.port) as c:
+        async with client_node(cfg, port=args.port) as c:
             tasks: set[asyncio.Task[None]] = set()
 
             def on_connection(conn: Any) -> None:
@@ -230,12 +228,10 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from dhtnode.daemon.client import client_node
-        from dhtnode.daemon.wiring import resolve
         from dhtnode.wire.address import format_addr
 
         ident = _load_key(args, cfg, default_state=False)
-        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-        async with client_node(cfg, bootstrap=seeds) as c:
+        async with client_node(cfg) as c:
             conn = await c.connections.connect(key, identity=ident)
             emit({"event": "connected", "public_key": key.hex(), "path": conn.path,
                   "strategy": conn.strategy, "connect_ms": round(conn.connect_ms, 2),
@@ -263,10 +259,8 @@ def cmd_ping_key(args: argparse.Namespace) -> int:
 
         async def main() -> dict[str, Any]:
             from dhtnode.daemon.client import client_node, ping_key
-            from dhtnode.daemon.wiring import resolve
 
-            seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-            async with client_node(cfg, bootstrap=seeds) as c:
+            async with client_node(cfg) as c:
                 return await ping_key(c.connections, key.hex())
 
         res = run_async(main())
@@ -284,13 +278,11 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from dhtnode.daemon.client import client_node
-        from dhtnode.daemon.wiring import resolve
         from dhtnode.transport.swarm import Swarm
         from dhtnode.wire.address import format_addr
 
         ident = _load_key(args, cfg, default_state=False)
-        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-        async with client_node(cfg, bootstrap=seeds) as c:
+        async with client_node(cfg) as c:
             tasks: set[asyncio.Task[None]] = set()
 
             def on_connection(conn: Any) -> None:

@@ -77,7 +77,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from dhtnode.crypto.identity import load_or_create_identity
-        from dhtnode.daemon.service import client_node, resolve
+        from dhtnode.daemon.client import client_node
         from dhtnode.daemon.state import ensure_state_dir, service_key_path
         from dhtnode.transport.forward import Exposer
 
@@ -85,8 +85,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
             ensure_state_dir(cfg.node.state_dir)
         key_path = args.key_file or service_key_path(cfg.node.state_dir, target)
         ident, _ = load_or_create_identity(key_path)
-        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-        async with client_node(cfg, bootstrap=seeds) as c:
+        async with client_node(cfg) as c:
             exposer = Exposer(c.connections, ident, target,
                               allow=(lambda k: k in allow) if allow else None,
                               on_event=_log_event)
@@ -111,12 +110,11 @@ def cmd_forward(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from dhtnode.crypto.identity import load_or_create_identity
-        from dhtnode.daemon.service import client_node, resolve
+        from dhtnode.daemon.client import client_node
         from dhtnode.transport.forward import Forwarder
 
         ident = load_or_create_identity(args.key_file)[0] if args.key_file else None
-        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-        async with client_node(cfg, bootstrap=seeds) as c:
+        async with client_node(cfg) as c:
             fwd = Forwarder(c.connections, key, listen, identity=ident,
                             on_event=_log_event)
             bound = await fwd.start()

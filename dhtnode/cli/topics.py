@@ -101,13 +101,13 @@ def cmd_announce(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from dhtnode.crypto.identity import load_or_create_identity
-        from dhtnode.daemon.service import client_node, identity_path, resolve
+        from dhtnode.daemon.client import client_node
         from dhtnode.daemon.state import ensure_state_dir
+        from dhtnode.daemon.wiring import identity_path
 
         ensure_state_dir(cfg.node.state_dir)
         ident, _ = load_or_create_identity(identity_path(cfg.node.state_dir))
-        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-        async with client_node(cfg, identity=ident, bootstrap=seeds) as c:
+        async with client_node(cfg, identity=ident) as c:
             stored = await c.endpoint.run(lambda n: n.announce(topic))
             pub = c.node.public
             emit(
@@ -177,11 +177,11 @@ def cmd_unannounce(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from dhtnode.crypto.identity import load_or_create_identity
-        from dhtnode.daemon.service import client_node, identity_path, resolve
+        from dhtnode.daemon.client import client_node
+        from dhtnode.daemon.wiring import identity_path
 
         ident, _ = load_or_create_identity(identity_path(cfg.node.state_dir))
-        seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-        async with client_node(cfg, identity=ident, bootstrap=seeds) as c:
+        async with client_node(cfg, identity=ident) as c:
             # Withdraw only what exists: a marker for a topic never announced would say
             # "withdrew from 5 nodes" about nothing.
             found = await c.endpoint.run(lambda n: n.lookup(topic))
@@ -213,10 +213,9 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         setup_logging(cfg)
 
         async def main() -> list[dict[str, Any]]:
-            from dhtnode.daemon.service import client_node, resolve
+            from dhtnode.daemon.client import client_node
 
-            seeds = await resolve(cfg.node.bootstrap) if args.bootstrap else None
-            async with client_node(cfg, bootstrap=seeds) as c:
+            async with client_node(cfg) as c:
                 res = await c.endpoint.run(lambda n: n.lookup(topic))
                 if not res.records and res.responses == 0:
                     raise NoAnswer("nothing answered: no DHT node replied to the lookup")
