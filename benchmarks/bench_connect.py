@@ -402,6 +402,15 @@ class Daemons:
                 raise RuntimeError(f"{name} did not start: {log.read_text()[-2000:]}")
             time.sleep(0.02)
 
+    def loopback_network(self) -> tuple[str, str]:
+        """Three ``dhtnode run`` bootstrap nodes (dht0-dht2) and ``dhtnode listen --echo`` on
+        127.0.0.1: returns (the first node's HOST:PORT, the key the listener serves)."""
+        ports = [free_udp_port() for _ in range(3)]
+        boot = f"127.0.0.1:{ports[0]}"
+        for i, port in enumerate(ports):
+            self.run_node(f"dht{i}", "127.0.0.1", port, boot if i else None, bind="127.0.0.1")
+        return boot, self.listen("listener", boot, bind="127.0.0.1")
+
     def listen(self, name: str, bootstrap: str, ns: str | None = None,
                bind: str | None = None) -> str:
         """``dhtnode listen --echo``; returns the key it serves once it is listening."""
@@ -499,12 +508,7 @@ def part_2(c: Counts) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-connect-") as d:
         daemons = Daemons(Path(d))
         try:
-            ports = [free_udp_port() for _ in range(3)]
-            boot = f"127.0.0.1:{ports[0]}"
-            for i, port in enumerate(ports):
-                daemons.run_node(f"dht{i}", "127.0.0.1", port, boot if i else None,
-                                 bind="127.0.0.1")
-            key = daemons.listen("listener", boot, bind="127.0.0.1")
+            boot, key = daemons.loopback_network()
             floors: dict[str, list[float]] = {"pass": [], "cli": [], "service": []}
             floor_imports = {
                 "pass": "",

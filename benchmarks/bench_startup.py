@@ -43,7 +43,6 @@ from bench_connect import (
     Daemons,
     connect_process,
     dhtnode_cmd,
-    free_udp_port,
     line,
     med_p95,
     ping_process,
@@ -106,12 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as d:
         daemons = Daemons(Path(d))
         try:
-            ports = [free_udp_port() for _ in range(3)]
-            boot = f"127.0.0.1:{ports[0]}"
-            for i, port in enumerate(ports):
-                daemons.run_node(f"dht{i}", "127.0.0.1", port, boot if i else None,
-                                 bind="127.0.0.1")
-            key = daemons.listen("listener", boot, bind="127.0.0.1")
+            boot, key = daemons.loopback_network()
             for i in range(args.runs + 1):  # run 0 warms the page and bytecode caches
                 for tree_name, tree in trees.items():
                     in_tree(tree)

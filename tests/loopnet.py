@@ -1,9 +1,11 @@
 """An in-process network of connect-capable nodes on 127.0.0.1, for tests: the ``net``
-fixture gives eight nodes (the first a bootstrap node), joined and mostly serving."""
+fixture gives eight nodes (the first a bootstrap node), joined and mostly serving; and
+:func:`has_ipv6_loopback` for the tests that need ``::1``."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +21,16 @@ from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire.address import normalize
 
 PARAMS = DhtParams(request_timeout=0.5, slow_after=0.15)
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether this machine can bind UDP on ``::1`` (containers without IPv6 cannot)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 @dataclass

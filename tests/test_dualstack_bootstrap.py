@@ -10,7 +10,6 @@ routing table. Now a node shows each family the id of its address in that family
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -23,20 +22,13 @@ from dhtnode.dht.node import DhtNode, DhtParams
 from dhtnode.dht.routing import RoutingTable
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire.address import Address, normalize
+from tests.loopnet import has_ipv6_loopback
 
 PARAMS = DhtParams(request_timeout=0.5, slow_after=0.15)
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
-
-needs_v6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+needs_v6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 
 
 async def _endpoint(host: str, *, public: Address | None = None, assume: bool = False,

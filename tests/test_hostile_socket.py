@@ -20,6 +20,7 @@ from dhtnode.daemon import control
 from dhtnode.dht.ids import node_id_for
 from dhtnode.wire import messages as m
 from tests.daemon import running_daemon
+from tests.loopnet import has_ipv6_loopback
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +28,10 @@ pytestmark = pytest.mark.slow
 STORM = 1500
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
 
 @pytest.fixture
 def dual_stack_node(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    if not _has_ipv6_loopback():
+    if not has_ipv6_loopback():
         pytest.skip("no IPv6 loopback on this machine")
     state = tmp_path / "node"
     with running_daemon(state, "--host", "::", "--bootstrap-node") as port:

@@ -14,6 +14,7 @@ import uvloop
 from dhtnode.transport import sockets as sockets_module
 from dhtnode.transport.sockets import SocketPool, SocketPoolError, effective_limit
 from dhtnode.wire.address import Address, normalize
+from tests.loopnet import has_ipv6_loopback
 
 
 def fd_count() -> int:
@@ -23,14 +24,6 @@ def fd_count() -> int:
 def ignore(slot: int, data: bytes, source: Address) -> None:
     pass
 
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 async def until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
@@ -156,7 +149,7 @@ async def test_concurrent_attempts_never_exceed_the_limit() -> None:
 
 @pytest.mark.parametrize("bind_host", ["127.0.0.1", "::", "::1"])
 async def test_datagrams_arrive_with_their_slot(bind_host: str) -> None:
-    if ":" in bind_host and not has_ipv6():
+    if ":" in bind_host and not has_ipv6_loopback():
         pytest.skip("no IPv6 on this host")
     got: list[tuple[int, bytes, Address]] = []
     pool = SocketPool(8, bind_host=bind_host)
