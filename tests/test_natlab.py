@@ -35,9 +35,9 @@ START_TIMEOUT = 60.0
 #: Largest factor reachability.py's jitter stretches a check delay by (uniform 0.75-1.25).
 MAX_JITTER = 1.25
 #: Reachability checks a public non-bootstrap node gets to prove itself. In a network this
-#: small each check succeeds only by chance (about one in two: its contact picks one helper at
-#: random among the two NATed nodes, and only the symmetric one always helps), so the wait is
-#: counted in checks, not seconds: seven leave under 1% (1 in 2**7) to chance.
+#: small a check can still fail by chance (a helper the node talked to proves nothing, an
+#: unproven one may decline; since each contact asks three helpers, most runs serve within
+#: a second, a few after a later check), so the wait is counted in checks, not seconds.
 PROOF_CHECKS = 7
 #: Lines of a daemon's log shown when a wait for it fails.
 LOG_TAIL = 15

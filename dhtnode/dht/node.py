@@ -123,6 +123,7 @@ class DhtNode:
         self._services: list[Service] = []
         self._receivers: dict[Kind, Receiver] = {}
         self._checks_started = False
+        self._growing = False
         # The seams between the parts: plain callbacks, wired here only.
         self.rpc.on_request = self._request_seen
         self.rpc.on_response = self._response_seen
@@ -284,14 +285,34 @@ class DhtNode:
                 walk()
                 return
             ctx.emit("dht_joined", table_size=len(ctx.table))
-            if not self._checks_started and not ctx.standing.ephemeral:
-                self._checks_started = True
-                self.reachability.start()
+            if not self._growing and not ctx.standing.ephemeral:
+                self._growing = True
+                self.start_checks()
                 self.maintenance.start_growing()
             op.set_result(len(ctx.table))
 
         walk()
         return op
+
+    def start_checks(self) -> None:
+        """Start the reachability checks now, without a join walk (``bootstrap`` does this
+        after joining). For ``dhtnode netcheck``: a walk sends to dozens of nodes, whose probes
+        then prove nothing. Once only; a one-shot (ephemeral) node never checks. Sans-I/O: the
+        driver must service the node afterwards so that the check's timer is armed."""
+        if not self._checks_started and not self.ctx.standing.ephemeral:
+            self._checks_started = True
+            self.reachability.start()
+
+    def ignore_probes_from(self, proves_nothing: Callable[[Address], bool] | None) -> None:
+        """Sources whose probes and requests must not prove us reachable even though we
+        never sent to them (``Reachability.proves_nothing``); counted as "probe_ignored" and
+        "request_ignored". None: every stranger counts again."""
+        self.reachability.proves_nothing = proves_nothing
+
+    @property
+    def reserved_helpers(self) -> frozenset[Address]:
+        """Our reserved probe helpers: requests to them fail locally (``reachability.py``)."""
+        return self.reachability.reserved()
 
     def find_node(self, target: bytes) -> Op[list[Address]]:
         op: Op[list[Address]] = Op()
@@ -335,7 +356,7 @@ class DhtNode:
             # The same in RFC 4787 words, as `dhtnode netcheck` prints them (nat/behaviour.py).
             "nat_mapping": behaviour.mapping_of(nat_class),
             "nat_filtering": behaviour.filtering_of(
-                st.reachable, self.reachability._failed_checks),
+                st.reachable, self.reachability.failed_checks),
             "public_addresses": [
                 wire_address.format_addr(a)
                 for a in ((st.public,) if st.fixed_public else ctx.observer.public_addresses)
