@@ -21,7 +21,7 @@ import statistics
 import time
 
 from dhtnode.dht.node import DhtParams
-from dhtnode.sim.network import SimHost, SimNetwork
+from dhtnode.sim.network import SimHost, SimNetwork, natlab_shape
 
 SEEDS = int(os.environ.get("SMALL_SEEDS", "20"))
 LAB_RUNS = int(os.environ.get("SMALL_LAB_RUNS", "100"))
@@ -60,17 +60,7 @@ def together() -> list[float]:
 def lab() -> list[float]:
     times: list[float] = []
     for seed in range(LAB_RUNS):
-        net = SimNetwork(seed=seed, params=DhtParams())
-        pub1 = net.add_node(bootstrap_node=True)
-        pub3 = net.add_node(bootstrap_node=True, seeds=(pub1.addr,))
-        net.run_op(pub3, lambda node: node.bootstrap())
-        boot = (pub1.addr, pub3.addr)
-        for _ in range(2):
-            natted = net.add_node(firewalled=True, seeds=boot)
-            net.start(natted, lambda node: node.bootstrap())
-        net.run_until(net.now + 20.0)
-        pub2 = net.add_node(seeds=boot)
-        net.start(pub2, lambda node: node.bootstrap())
+        net, pub2 = natlab_shape(seed)
         times += _serve_times(net, [pub2], net.now)
     return times
 

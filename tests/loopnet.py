@@ -5,6 +5,7 @@ fixture gives eight nodes (the first a bootstrap node), joined and mostly servin
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.node import DhtNode, DhtParams
 from dhtnode.nat.relay import RelayLimits
-from dhtnode.transport.connections import Connections
+from dhtnode.transport.connections import Connection, Connections
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire.address import normalize
 
@@ -69,3 +70,17 @@ async def net() -> AsyncIterator[list[Peer]]:
         for p in peers:
             await p.conns.close()
             p.ep.close()
+
+
+async def sha256_sink(conn: Connection, done: asyncio.Future[bytes]) -> None:
+    """Serve one stream of ``conn``: read it to its end, answer its SHA-256 and length (8
+    bytes), and set ``done`` to the digest (transfer tests check both ends agree)."""
+    reader, writer = await conn.accept_stream()
+    h = hashlib.sha256()
+    n = 0
+    while data := await reader.read(65536):
+        h.update(data)
+        n += len(data)
+    writer.write(h.digest() + n.to_bytes(8, "big"))
+    writer.write_eof()
+    done.set_result(h.digest())

@@ -8,7 +8,7 @@ import pytest
 
 from dhtnode.dht import reachability
 from dhtnode.dht.node import DhtParams
-from dhtnode.sim.network import SimHost, SimNetwork, build_network
+from dhtnode.sim.network import SimNetwork, build_network, natlab_shape
 
 #: Virtual seconds a public newcomer of the NAT lab's shape may take to serve: its first
 #: checks (0.5 s, then 1 s and 2 s later, 3 s each at most) with room to spare. Before
@@ -16,26 +16,9 @@ from dhtnode.sim.network import SimHost, SimNetwork, build_network
 LAB_SHAPE_BOUND = 15.0
 
 
-def _lab_shape(seed: int) -> tuple[SimNetwork, SimHost]:
-    """tests/test_natlab.py in the simulator: two bootstrap nodes, two nodes behind filtering
-    NATs, then a public newcomer listing both bootstrap nodes."""
-    net = SimNetwork(seed=seed, params=DhtParams())
-    pub1 = net.add_node(bootstrap_node=True)
-    pub3 = net.add_node(bootstrap_node=True, seeds=(pub1.addr,))
-    net.run_op(pub3, lambda n: n.bootstrap())
-    boot = (pub1.addr, pub3.addr)
-    for _ in range(2):
-        natted = net.add_node(firewalled=True, seeds=boot)
-        net.start(natted, lambda n: n.bootstrap())
-    net.run_until(net.now + 20.0)
-    pub2 = net.add_node(seeds=boot)
-    net.start(pub2, lambda n: n.bootstrap())
-    return net, pub2
-
-
 @pytest.mark.parametrize("seed", range(20))
 def test_public_newcomer_beside_two_bootstrap_nodes_serves_within_seconds(seed: int) -> None:
-    net, pub2 = _lab_shape(seed)
+    net, pub2 = natlab_shape(seed)
     t0 = net.now
     net.run_until(t0 + LAB_SHAPE_BOUND, stop=lambda: pub2.node.server)
     assert pub2.node.server, f"not serving {net.now - t0:.1f} s after joining"

@@ -23,7 +23,7 @@ from dhtnode.crypto.identity import Identity
 from dhtnode.transport.connections import Connection, watch_peer
 from dhtnode.transport.quic import CLOSE_RELAY_LOST
 from dhtnode.transport.relaypath import RELAY_DEAD_AFTER
-from tests.loopnet import Peer
+from tests.loopnet import Peer, sha256_sink
 
 SIZE = 6 << 20
 CHUNK = 1 << 16
@@ -46,18 +46,6 @@ def _relay_peer(net: list[Peer], conn: Connection) -> Peer:
     return next(p for p in net if p.ep.local_address == conn.relay.relay)
 
 
-async def _sink(conn: Connection, done: asyncio.Future[bytes]) -> None:
-    reader, writer = await conn.accept_stream()
-    h = hashlib.sha256()
-    n = 0
-    while data := await reader.read(65536):
-        h.update(data)
-        n += len(data)
-    writer.write(h.digest() + n.to_bytes(8, "big"))
-    writer.write_eof()
-    done.set_result(h.digest())
-
-
 async def test_relay_dies_mid_transfer_connection_moves_to_another_relay(
     net: list[Peer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -71,7 +59,7 @@ async def test_relay_dies_mid_transfer_connection_moves_to_another_relay(
 
     def accepted(c: Connection) -> None:
         server_conns.append(c)
-        tasks.append(asyncio.create_task(_sink(c, got)))
+        tasks.append(asyncio.create_task(sha256_sink(c, got)))
         # As forward/expose run it: the failover must not look like a dead peer to it.
         tasks.append(asyncio.create_task(watch_peer(c)))
 

@@ -14,8 +14,7 @@ import pytest
 
 import dhtnode.transport.connections as connections_module
 from dhtnode.crypto.identity import Identity
-from dhtnode.transport.connections import Connection
-from tests.loopnet import Peer
+from tests.loopnet import Peer, sha256_sink
 
 SIZE = 20 << 20
 MARKER = b"PLAINTEXT-MARKER-" * 4
@@ -51,19 +50,8 @@ async def test_relayed_then_direct_mid_transfer(
     key = Identity.generate()
     got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
-    async def sink(conn: Connection) -> None:
-        reader, writer = await conn.accept_stream()
-        h = hashlib.sha256()
-        n = 0
-        while data := await reader.read(65536):
-            h.update(data)
-            n += len(data)
-        writer.write(h.digest() + n.to_bytes(8, "big"))
-        writer.write_eof()
-        got.set_result(h.digest())
-
     tasks: list[asyncio.Task[None]] = []
-    await server.conns.listen(key, lambda c: tasks.append(asyncio.create_task(sink(c))))
+    await server.conns.listen(key, lambda c: tasks.append(asyncio.create_task(sha256_sink(c, got))))
     conn = await client.conns.connect(key.public_key)
     assert conn.path == "relayed" and conn.first_path == "relayed"
     reader, writer = await conn.open_stream()

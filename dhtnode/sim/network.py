@@ -195,3 +195,21 @@ def build_network(
         net.run_until(net.now + 3.0)
     net.run_until(net.now + settle)
     return net
+
+
+def natlab_shape(seed: int, params: DhtParams | None = None) -> tuple[SimNetwork, SimHost]:
+    """``tests/test_natlab.py`` in virtual time: two bootstrap nodes, two nodes behind
+    filtering NATs (settled for 20 s), then a public newcomer listing both bootstrap nodes,
+    just started. Returns the network and the newcomer."""
+    net = SimNetwork(seed=seed, params=params or DhtParams())
+    pub1 = net.add_node(bootstrap_node=True)
+    pub3 = net.add_node(bootstrap_node=True, seeds=(pub1.addr,))
+    net.run_op(pub3, lambda node: node.bootstrap())
+    boot = (pub1.addr, pub3.addr)
+    for _ in range(2):
+        natted = net.add_node(firewalled=True, seeds=boot)
+        net.start(natted, lambda node: node.bootstrap())
+    net.run_until(net.now + 20.0)
+    pub2 = net.add_node(seeds=boot)
+    net.start(pub2, lambda node: node.bootstrap())
+    return net, pub2
