@@ -6,11 +6,14 @@ forwarding side."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.transport.connections import PEER_DEAD_AFTER
@@ -37,6 +40,52 @@ async def _fetch(port: int, request: bytes) -> bytes:
     data = await reader.read()
     writer.close()
     return data
+
+
+@dataclass
+class _Vanishing:
+    """An exposer on net[-1] and a forwarder on net[-2]; :meth:`kill` makes the exposing node
+    vanish without a word (its socket closes, no CONNECTION_CLOSE, as on SIGKILL) and
+    :meth:`replace` exposes the same key from net[-3]."""
+
+    net: list[Peer]
+    key: Identity
+    target: tuple[str, int]
+    exposer: Exposer
+    fwd: Forwarder
+    port: int
+    second: Exposer | None = None
+
+    def kill(self) -> float:
+        self.net[-1].ep.close()
+        return time.monotonic()
+
+    async def replace(self) -> None:
+        self.second = Exposer(self.net[-3].conns, self.key, self.target, allow=None)
+        await self.second.start()
+
+
+@contextlib.asynccontextmanager
+async def _vanishing_exposer(net: list[Peer]) -> AsyncIterator[_Vanishing]:
+    """The rig of the dead-exposer tests, torn down whatever happens (a killed exposer's
+    tasks are cancelled: its node can no longer close anything cleanly)."""
+    service = await asyncio.start_server(_service, "127.0.0.1", 0)
+    target = service.sockets[0].getsockname()[:2]
+    key = Identity.generate()
+    exposer = Exposer(net[-1].conns, key, target, allow=None)
+    await exposer.start()
+    fwd = Forwarder(net[-2].conns, key.public_key, ("127.0.0.1", 0))
+    _, port = await fwd.start()
+    rig = _Vanishing(net, key, target, exposer, fwd, port)
+    try:
+        yield rig
+    finally:
+        await fwd.close()
+        if rig.second is not None:
+            await rig.second.close()
+        for t in list(exposer._tasks):
+            t.cancel()
+        service.close()
 
 
 async def test_expose_and_forward(net: list[Peer]) -> None:
@@ -77,37 +126,20 @@ async def test_forward_notices_a_dead_exposer_in_seconds(net: list[Peer]) -> Non
     CONNECTION_CLOSE): the forwarder's liveness watch closes the connection within
     PEER_DEAD_AFTER (not QUIC's 30 s idle timeout), and the next TCP connection connects
     afresh to whoever serves the key now."""
-    service = await asyncio.start_server(_service, "127.0.0.1", 0)
-    target = service.sockets[0].getsockname()[:2]
-    key = Identity.generate()
-    exposer = Exposer(net[-1].conns, key, target, allow=None)
-    await exposer.start()
-    fwd = Forwarder(net[-2].conns, key.public_key, ("127.0.0.1", 0))
-    _, port = await fwd.start()
-    second: Exposer | None = None
-    try:
-        ans = await asyncio.wait_for(_fetch(port, b"first"), 30)
+    async with _vanishing_exposer(net) as rig:
+        ans = await asyncio.wait_for(_fetch(rig.port, b"first"), 30)
         assert ans[32:] == PAYLOAD
-        conn = await fwd.connection()
-        killed = time.monotonic()
-        net[-1].ep.close()  # the exposing node is gone
+        conn = await rig.fwd.connection()
+        killed = rig.kill()
         await asyncio.wait_for(conn.wait_closed(), PEER_DEAD_AFTER + 5)
         took = time.monotonic() - killed
         print(f"dead exposer noticed after {took:.2f} s")
         assert conn.quic.close_code == CLOSE_PEER_SILENT
         assert took < PEER_DEAD_AFTER + 1.5
-        second = Exposer(net[-3].conns, key, target, allow=None)
-        await second.start()
-        ans = await asyncio.wait_for(_fetch(port, b"again"), 30)
+        await rig.replace()
+        ans = await asyncio.wait_for(_fetch(rig.port, b"again"), 30)
         assert ans[:32] == hashlib.sha256(b"again").digest() and ans[32:] == PAYLOAD
-        assert fwd.connects == 2
-    finally:
-        await fwd.close()
-        if second is not None:
-            await second.close()
-        for t in list(exposer._tasks):
-            t.cancel()
-        service.close()
+        assert rig.fwd.connects == 2
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -202,33 +234,16 @@ async def test_forward_checks_a_silent_connection_before_using_it(net: list[Peer
     """A TCP connection that arrives after the exposer died but before the liveness watch has
     given up: the forwarder PINGs the silent peer first and, without an answer, connects
     afresh at once instead of handing the TCP connection to the dead one."""
-    service = await asyncio.start_server(_service, "127.0.0.1", 0)
-    target = service.sockets[0].getsockname()[:2]
-    key = Identity.generate()
-    exposer = Exposer(net[-1].conns, key, target, allow=None)
-    await exposer.start()
-    fwd = Forwarder(net[-2].conns, key.public_key, ("127.0.0.1", 0))
-    _, port = await fwd.start()
-    second: Exposer | None = None
-    try:
-        assert (await asyncio.wait_for(_fetch(port, b"first"), 30))[32:] == PAYLOAD
-        conn = await fwd.connection()
-        net[-1].ep.close()  # the exposing node is gone, without a word
-        killed = time.monotonic()
-        second = Exposer(net[-3].conns, key, target, allow=None)
-        await second.start()
+    async with _vanishing_exposer(net) as rig:
+        assert (await asyncio.wait_for(_fetch(rig.port, b"first"), 30))[32:] == PAYLOAD
+        conn = await rig.fwd.connection()
+        killed = rig.kill()
+        await rig.replace()
         await asyncio.sleep(max(0.0, killed + SUSPECT_AFTER + 0.2 - time.monotonic()))
-        ans = await asyncio.wait_for(_fetch(port, b"again"), 30)
+        ans = await asyncio.wait_for(_fetch(rig.port, b"again"), 30)
         took = time.monotonic() - killed
         print(f"fetch through a fresh connection {took:.2f} s after the exposer died")
         assert ans[:32] == hashlib.sha256(b"again").digest() and ans[32:] == PAYLOAD
-        assert fwd.connects == 2
+        assert rig.fwd.connects == 2
         assert conn.quic.close_code == CLOSE_PEER_SILENT
         assert conn.quic.close_reason == "the peer did not answer a PING"
-    finally:
-        await fwd.close()
-        if second is not None:
-            await second.close()
-        for t in list(exposer._tasks):
-            t.cancel()
-        service.close()
