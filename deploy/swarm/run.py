@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -444,11 +445,14 @@ def teardown(dockerd: Dockerd) -> None:
         dockerd.stop()
 
 
-def main() -> int:
+def run_checks(target: str, steps: Callable[[], None], teardown: Callable[[], None]) -> int:
+    """Run ``steps`` (which raise on a failed step and record checks in ``results``), then
+    ``teardown`` whatever happened (SIGTERM included); print timings and checks; return the
+    exit status: 0 passed, 1 failed, :data:`EXIT_SKIPPED` when Docker cannot run here at all
+    (``Skip``), 2 not root. Shared by ``make swarm`` and ``make systemd-check``."""
     if os.geteuid() != 0:
-        print("make swarm needs root (dockerd, debootstrap)", file=sys.stderr)
+        print(f"make {target} needs root (dockerd, debootstrap)", file=sys.stderr)
         return 2
-    dockerd = Dockerd()
     failed: str | None = None
     skipped: str | None = None
 
@@ -457,6 +461,37 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        steps()
+    except Skip as exc:
+        skipped = str(exc)
+        log(f"SKIPPED: {skipped}")
+    except (Exception, KeyboardInterrupt) as exc:
+        failed = f"{type(exc).__name__}: {exc}"
+        log(f"FAILED: {failed}")
+    finally:
+        teardown()
+    print("\n== timings")
+    for name, dt in timings:
+        print(f"  {dt:7.1f} s  {name}")
+    print(f"  {time.monotonic() - T0:7.1f} s  total")
+    print("\n== checks")
+    for name, ok, detail in results:
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    bad = [r for r in results if not r[1]]
+    if skipped:
+        print(f"\nSKIPPED make {target}: {skipped}")
+        return EXIT_SKIPPED
+    if failed or bad:
+        print(f"\nmake {target}: FAILED ({failed or f'{len(bad)} check(s) failed'})")
+        return 1
+    print(f"\nmake {target}: OK ({len(results)} checks)")
+    return 0
+
+
+def main() -> int:
+    dockerd = Dockerd()
+
+    def steps() -> None:
         with Step("install docker.io, docker-compose, debootstrap (if missing)"):
             install_tools()
         with Step("dockerd"):
@@ -485,30 +520,8 @@ def main() -> int:
             check_announce_lookup()
         with Step("check connect across two NAT routers"):
             check_connect()
-    except Skip as exc:
-        skipped = str(exc)
-        log(f"SKIPPED: {skipped}")
-    except (Exception, KeyboardInterrupt) as exc:
-        failed = f"{type(exc).__name__}: {exc}"
-        log(f"FAILED: {failed}")
-    finally:
-        teardown(dockerd)
-    print("\n== timings")
-    for name, dt in timings:
-        print(f"  {dt:7.1f} s  {name}")
-    print(f"  {time.monotonic() - T0:7.1f} s  total")
-    print("\n== checks")
-    for name, ok, detail in results:
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
-    bad = [r for r in results if not r[1]]
-    if skipped:
-        print(f"\nSKIPPED make swarm: {skipped}")
-        return EXIT_SKIPPED
-    if failed or bad:
-        print(f"\nmake swarm: FAILED ({failed or f'{len(bad)} check(s) failed'})")
-        return 1
-    print(f"\nmake swarm: OK ({len(results)} checks)")
-    return 0
+
+    return run_checks("swarm", steps, lambda: teardown(dockerd))
 
 
 if __name__ == "__main__":

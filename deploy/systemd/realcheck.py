@@ -40,7 +40,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -448,20 +447,14 @@ def teardown(dockerd: sw.Dockerd, wheels: Path) -> None:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
+    if os.geteuid() != 0:  # before anything is made (run_checks says the same)
         print("make systemd-check needs root (dockerd, debootstrap)", file=sys.stderr)
         return 2
     dockerd = sw.Dockerd()
     sw.CACHE.mkdir(parents=True, exist_ok=True)
     wheels = Path(tempfile.mkdtemp(prefix="systemd-check-wheels-", dir=sw.CACHE))
-    failed: str | None = None
-    skipped: str | None = None
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
+    def steps() -> None:
         with Step("install docker.io, debootstrap (if missing)"):
             sw.install_tools(TOOLS)
         with Step("dockerd"):
@@ -491,30 +484,8 @@ def main() -> int:
         with Step("stop"):
             check_stop()
         check_journal_clean()
-    except sw.Skip as exc:
-        skipped = str(exc)
-        log(f"SKIPPED: {skipped}")
-    except (Exception, KeyboardInterrupt) as exc:
-        failed = f"{type(exc).__name__}: {exc}"
-        log(f"FAILED: {failed}")
-    finally:
-        teardown(dockerd, wheels)
-    print("\n== timings")
-    for name, dt in sw.timings:
-        print(f"  {dt:7.1f} s  {name}")
-    print(f"  {time.monotonic() - sw.T0:7.1f} s  total")
-    print("\n== checks")
-    for name, ok, detail in sw.results:
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
-    bad = [r for r in sw.results if not r[1]]
-    if skipped:
-        print(f"\nSKIPPED make systemd-check: {skipped}")
-        return sw.EXIT_SKIPPED
-    if failed or bad:
-        print(f"\nmake systemd-check: FAILED ({failed or f'{len(bad)} check(s) failed'})")
-        return 1
-    print(f"\nmake systemd-check: OK ({len(sw.results)} checks)")
-    return 0
+
+    return int(sw.run_checks("systemd-check", steps, lambda: teardown(dockerd, wheels)))
 
 
 if __name__ == "__main__":
