@@ -8,11 +8,9 @@ bounded, time-limited memory; it does not decide what to do with the answer.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter, OrderedDict
-from functools import lru_cache
 
-from dhtnode.wire.address import Address
+from dhtnode.wire.address import Address, is_loopback
 
 #: Addresses remembered, at most (the oldest are forgotten first).
 MAX_SENT_TO = 8192
@@ -20,11 +18,6 @@ MAX_SENT_TO = 8192
 #: least 120 s and recommends 300 s; Linux conntrack keeps an answered UDP flow 120-180 s.
 #: Twice the recommendation, because calling a filtered node reachable is the costly mistake.
 SENT_TO_TTL = 600.0
-
-
-@lru_cache(maxsize=4096)
-def _is_loopback(ip: str) -> bool:
-    return ipaddress.ip_address(ip).is_loopback
 
 
 class SentMemory:
@@ -61,7 +54,7 @@ class SentMemory:
         """
         if addr in self._addrs:
             return True
-        return self._ips[addr[0]] > 0 and not _is_loopback(addr[0])
+        return self._ips[addr[0]] > 0 and not is_loopback(addr[0])
 
     def expire(self, now: float) -> None:
         horizon = now - SENT_TO_TTL

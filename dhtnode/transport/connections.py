@@ -64,7 +64,7 @@ from dhtnode.transport.resample import stun_ports
 from dhtnode.transport.sockets import SocketPool
 from dhtnode.transport.udp import NodeEndpoint
 from dhtnode.wire import relay as wire_relay
-from dhtnode.wire.address import Address, format_addr
+from dhtnode.wire.address import Address, format_addr, is_loopback
 from dhtnode.wire.demux import Kind, classify
 
 #: Seconds the listener waits for the client's QUIC handshake after an introduction.
@@ -730,7 +730,7 @@ class Connections(Service):
                 if (ip, port) not in out:
                     out.append((ip, port))
         self.services.listeners.lan_addresses = tuple(out[:4])
-        if self.endpoint.is_v6 and not all(_is_loopback(p[0]) for p in peers):
+        if self.endpoint.is_v6 and not all(is_loopback(p[0]) for p in peers):
             # Bound to one IPv6 address: that one; bound to "::": what the host has. Not
             # for a DHT on loopback (tests): its peers are on this host, and the host's
             # interface addresses would only send the race out of the loopback network.
@@ -738,10 +738,6 @@ class Connections(Service):
             v6 = next((p[0] for p in peers if ":" in p[0]), None)
             ips = [bound] if bound != "::" else own_v6_addresses(v6)
             self.services.listeners.own_v6 = tuple((ip, port) for ip in ips if usable_v6(ip))
-
-
-def _is_loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip == "::1"
 
 
 async def watch_peer(

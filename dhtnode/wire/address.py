@@ -172,6 +172,12 @@ def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str,
 _NUMERIC_LAST_LABEL = re.compile(r"(?:^|\.)(?:[0-9]+|0[xX][0-9a-fA-F]*)\.?$")
 
 
+@functools.lru_cache(maxsize=4096)
+def is_loopback(ip: str) -> bool:
+    """Whether ``ip`` (canonical text) is a loopback address: 127.0.0.0/8 or ::1."""
+    return ipaddress.ip_address(ip).is_loopback
+
+
 def format_addr(addr: Address) -> str:
     """``ip:port`` or ``[ip6]:port``."""
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
