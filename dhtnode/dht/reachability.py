@@ -423,15 +423,18 @@ class Reachability:
 
         def acked(helper: Address, first: bool, resp: m.Response | None) -> None:
             nonlocal left
-            if left <= 0:
-                return
             if (
                 first
                 and resp is not None
                 and resp.error == m.ErrorCode.BAD_TOKEN
                 and resp.token is not None
             ):
-                ask(helper, False)  # it wants proof of our address: echo its token
+                # It wants proof of our address: echo its token, also once another helper has
+                # acked (else only the helper that needs no token round trip, usually the
+                # proven server the asker talked to, ever probes).
+                ask(helper, False)
+                return
+            if left <= 0:
                 return
             left -= 1
             if resp is not None and resp.error is None:

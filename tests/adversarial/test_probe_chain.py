@@ -1,11 +1,14 @@
 """The reachability chain sends probes only where they were asked for: over a whole simulated
 network's life (joins, checks, re-checks), every PROBE goes to a node that sent a
 CHECK_REACHABLE, and every FORWARD_PROBE goes to a node that had itself sent a request to the
-forwarder; the checks still make every public node a server and no NATed one."""
+forwarder (or, for a helper a check named, one the forwarder had sent a request to); the
+checks still make every public node a server and no NATed one."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import pytest
 
 from dhtnode.dht.node import DhtParams
 from dhtnode.sim.network import SimHost, SimNetwork
@@ -16,8 +19,9 @@ from dhtnode.wire.address import Address
 PARAMS = DhtParams(record_ttl=120.0)
 
 
-def test_probes_go_only_to_askers() -> None:
-    net = SimNetwork(seed=5, params=PARAMS)
+@pytest.mark.parametrize("seed", [4, 5, 11])  # 4 and 11 send FORWARD_PROBEs to named helpers
+def test_probes_go_only_to_askers(seed: int) -> None:
+    net = SimNetwork(seed=seed, params=PARAMS)
     #: (time, sender, destination, request) of every request sent.
     log: list[tuple[float, Address, Address, m.Request]] = []
 
@@ -56,7 +60,12 @@ def test_probes_go_only_to_askers() -> None:
             asked_by.setdefault(sender, when)
         elif req.command is m.Command.FORWARD_PROBE:
             forwards += 1
-            assert (dest, sender) in requested, "FORWARD_PROBE to a node that never asked us"
+            # A helper the forwarder picked asked it something; a helper a check named
+            # (the checked node's reserved helper, PROTOCOL.md "Probe reserve") must be one
+            # the forwarder has dealt with itself (a routing-table contact): never an
+            # arbitrary address.
+            assert (dest, sender) in requested or (sender, dest) in requested, (
+                "FORWARD_PROBE to a node that never asked us and that we never asked")
             target, _ = wire_address.decode(req.value or b"")
             assert target in asked_by, "FORWARD_PROBE names a node that never asked a check"
         elif req.command is m.Command.PROBE:
