@@ -229,6 +229,16 @@ class QuicBridge(_BridgeExpectations):
 
     def datagram_received(self, data: bytes, source: Address, path: DatagramPath) -> None:
         """Feed one QUIC datagram that arrived from ``source`` over ``path``. Never raises."""
+        if len(data) > CID_LENGTH and data[0] & 0xC0 == 0x40:
+            # The hot path: a short-header (1-RTT) packet, fixed bit set. Its destination id
+            # sits right after the first byte, exactly where pull_quic_header reads it, and
+            # it is never an Initial; skip the generic parse (aioquic parses it again anyway).
+            conn = self._by_cid.get(data[1 : 1 + CID_LENGTH])
+            if conn is not None:
+                conn._receive(data, source, path)
+            else:
+                self.stats["drop_quic_unknown_cid"] += 1
+            return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:  # includes aioquic's BufferReadError

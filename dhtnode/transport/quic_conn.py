@@ -250,16 +250,17 @@ class PeerConnection(_PeerStreams):
     def _receive(self, data: bytes, source: Address, path: DatagramPath) -> None:
         if self._finalized:
             return
-        self.stats.bytes_in += len(data)
-        self.stats.datagrams_in += 1
-        self.last_rx = time.monotonic()
+        stats = self.stats
+        stats.bytes_in += len(data)
+        stats.datagrams_in += 1
+        self.last_rx = now = time.monotonic()
         other = path is not self._path or source != self._addr
         if other:
             # QUIC authenticates it; whether to move there is the migration policy's call.
-            self.stats.datagrams_other_path += 1
+            stats.datagrams_other_path += 1
             largest = self._largest_received()
         try:
-            self._quic.receive_datagram(data, self._pseudo_addr, now=time.monotonic())
+            self._quic.receive_datagram(data, self._pseudo_addr, now=now)
             self._process_events()
         except Exception as exc:  # hostile input must never escape into the socket layer
             self._internal_error(exc)
@@ -288,12 +289,12 @@ class PeerConnection(_PeerStreams):
             self._internal_error(exc)
             return
         if datagrams:
-            path, addr = self._path, self._addr
+            send, addr, stats = self._path.send, self._addr, self.stats
+            stats.datagrams_out += len(datagrams)
             for data, _pseudo in datagrams:
-                self.stats.bytes_out += len(data)
-                self.stats.datagrams_out += 1
+                stats.bytes_out += len(data)
                 try:
-                    path.send(data, addr)
+                    send(data, addr)
                 except OSError:
                     self._bridge.stats["quic_send_error"] += 1
             self._last_tx = now

@@ -338,6 +338,8 @@ class _PeerStreams:
 
     def _after_receive(self) -> None:
         """Wake writers whose buffers drained and finish writers whose FIN was acked."""
+        if not self._fin_pending and not self._drain_waiting:
+            return  # the common case, once per datagram
         for writer in list(self._fin_pending):
             stream = self._quic._streams.get(writer.stream_id)
             if stream is None or stream.sender.is_finished:

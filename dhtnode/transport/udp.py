@@ -178,14 +178,16 @@ class NodeEndpoint(asyncio.DatagramProtocol):
 
     def _service(self) -> None:
         """Flush what the engine queued, log its events and keep the timer armed."""
-        for data, addr in self.node.datagrams_to_send():
-            self.sendto(data, addr)
-        if self.node.events:
-            events, self.node.events = self.node.events, []
+        node = self.node
+        if node.ctx.out:  # runs once per datagram each way: skip the empty swap
+            for data, addr in node.datagrams_to_send():
+                self.sendto(data, addr)
+        if node.events:
+            events, node.events = node.events, []
             for name, fields in events:
                 if self._on_event is not None:
                     self._on_event(name, fields)
-        deadline = self.node.next_timer()
+        deadline = node.next_timer()
         if deadline is None:
             return
         # Re-arm only for an earlier deadline; a later one is picked up when this one fires.
