@@ -80,7 +80,8 @@ from benchkit import CHUNK, pct, send_bulk, sink, stop
 from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.node import DhtNode, DhtParams
-from dhtnode.transport.connections import Connection, Connections
+from dhtnode.transport.connection import Connection
+from dhtnode.transport.connections import Connections
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire.address import normalize
 

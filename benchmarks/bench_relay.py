@@ -74,7 +74,8 @@ from dhtnode.crypto.identity import Identity
 from dhtnode.dht.node import DhtNode, DhtParams
 from dhtnode.nat.punch import PUNCH_DEADLINE
 from dhtnode.nat.relay import RelayLimits, RelayTable
-from dhtnode.transport.connections import Connection, Connections
+from dhtnode.transport.connection import Connection
+from dhtnode.transport.connections import Connections
 from dhtnode.transport.relaypath import RelayPath
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire import relay as wire

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from dhtnode.daemon.config import Config
     from dhtnode.dht.ids import topic_from_name
     from dhtnode.errors import ConfigError, DhtnodeError
-    from dhtnode.transport.connections import Connection, Server
+    from dhtnode.transport.connection import Connection
+    from dhtnode.transport.connections import Server
 
 #: name -> module it lives in.
 _EXPORTS = {

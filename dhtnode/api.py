@@ -24,7 +24,8 @@ from dhtnode.daemon.service import ClientNode, client_node, resolve
 from dhtnode.dht.op import OperationError
 from dhtnode.dht.records import AddressKind
 from dhtnode.errors import DhtnodeError
-from dhtnode.transport.connections import Connection, Server
+from dhtnode.transport.connection import Connection
+from dhtnode.transport.connections import Server
 from dhtnode.transport.forward import Exposer, Forwarder
 from dhtnode.wire.address import format_addr
 

@@ -17,7 +17,8 @@ from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.node import DhtNode, DhtParams
 from dhtnode.nat.relay import RelayLimits
-from dhtnode.transport.connections import Connection, Connections
+from dhtnode.transport.connection import Connection
+from dhtnode.transport.connections import Connections
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire.address import normalize
 

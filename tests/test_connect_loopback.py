@@ -13,7 +13,7 @@ import pytest
 
 from dhtnode.connect.connector import ConnectRefused, PeerNotFound
 from dhtnode.crypto.identity import Identity
-from dhtnode.transport.connections import Connection
+from dhtnode.transport.connection import Connection
 from tests.loopnet import Peer
 
 
@@ -111,9 +111,9 @@ async def test_incoming_connections_are_bounded_per_key(
     """A client key holds at most MAX_INCOMING_PER_KEY connections to a listener: the next
     introduction is refused as busy (before anything is punched), with a message that says
     so; once one closes, the key connects again."""
-    from dhtnode.transport import connections
+    from dhtnode.transport import admission
 
-    monkeypatch.setattr(connections, "MAX_INCOMING_PER_KEY", 2)
+    monkeypatch.setattr(admission, "MAX_INCOMING_PER_KEY", 2)
     server, client = net[-1], net[-4]
     key = Identity.generate()
     me = Identity.generate()

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from dhtnode.crypto.identity import Identity
-from dhtnode.transport.connections import PEER_DEAD_AFTER
+from dhtnode.transport.connection import PEER_DEAD_AFTER
 from dhtnode.transport.forward import SUSPECT_AFTER, Exposer, Forwarder
 from dhtnode.transport.quic import CLOSE_PEER_SILENT
 from tests.loopnet import Peer

@@ -20,7 +20,7 @@ import pytest
 
 import dhtnode.transport.connections as connections_module
 from dhtnode.crypto.identity import Identity
-from dhtnode.transport.connections import Connection, watch_peer
+from dhtnode.transport.connection import Connection, watch_peer
 from dhtnode.transport.quic import CLOSE_RELAY_LOST
 from dhtnode.transport.relaypath import RELAY_DEAD_AFTER
 from tests.loopnet import Peer, sha256_sink

@@ -8,7 +8,7 @@ import time
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.ids import topic_from_name
-from dhtnode.transport.connections import Connection
+from dhtnode.transport.connection import Connection
 from dhtnode.transport.swarm import Swarm
 from tests.loopnet import Peer
 

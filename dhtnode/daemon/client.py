@@ -31,7 +31,8 @@ from dhtnode.wire import address as wire_address
 from dhtnode.wire.address import Address
 
 if TYPE_CHECKING:
-    from dhtnode.transport.connections import Connection, Connections, Server
+    from dhtnode.transport.connection import Connection
+    from dhtnode.transport.connections import Connections, Server
 
 #: The QUIC side of a client node (aioquic, cryptography, the connection manager): about a
 #: third of a fresh ``dhtnode ping``'s start-up. :func:`client_node` imports it in a worker

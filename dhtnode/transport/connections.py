@@ -23,7 +23,7 @@ streams go on. The listener takes the new introduction's relayed path as the sam
 introduction authenticated its key) and moves too when the first authenticated packet of the
 connection arrives on it. Bounded tries; without another relay the connection closes with
 ``CLOSE_RELAY_LOST`` and a reason. :func:`watch_peer` notices a peer that died without a word
-in seconds (forwarding and swarms use it).
+in seconds (forwarding and swarms use it; ``transport/connection.py``).
 
 Must not decide strategy, timing or crypto (those live in the pure modules), nor send a
 probe, route a punch datagram or count attempts (the punch driver does).
@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dhtnode.connect.connector import Introduced, introduce
@@ -47,24 +46,24 @@ from dhtnode.connect.services import ConnectServices
 from dhtnode.crypto.identity import Identity
 from dhtnode.dht.node import Receiver, Service
 from dhtnode.dht.op import OperationError
-from dhtnode.nat.candidates import punch_targets, usable_v6
+from dhtnode.nat.candidates import punch_targets
 from dhtnode.nat.punch import PUNCH_DEADLINE, Punched
-from dhtnode.nat.strategy import MIN_STEP_SAMPLES
-from dhtnode.transport.localaddr import own_v6_addresses
+from dhtnode.transport.admission import IncomingLimits
+from dhtnode.transport.connection import Connection
+from dhtnode.transport.localaddr import lan_addresses, own_v6_for
 from dhtnode.transport.punching import Attempt, PunchDriver, profile_of
 from dhtnode.transport.quic import (
-    CLOSE_PEER_SILENT,
     CLOSE_RELAY_LOST,
     DatagramPath,
     PeerConnection,
     QuicBridge,
 )
 from dhtnode.transport.relaypath import RelayPath, RelayPaths
-from dhtnode.transport.resample import stun_ports
+from dhtnode.transport.resample import Resampler
 from dhtnode.transport.sockets import SocketPool
 from dhtnode.transport.udp import NodeEndpoint
 from dhtnode.wire import relay as wire_relay
-from dhtnode.wire.address import Address, format_addr, is_loopback
+from dhtnode.wire.address import Address, format_addr
 from dhtnode.wire.demux import Kind, classify
 
 #: Seconds the listener waits for the client's QUIC handshake after an introduction.
@@ -78,99 +77,21 @@ RELAY_GRACE = 0.3
 #: Seconds a relayed path keeps receiving after the connection moved to the direct path
 #: (the peer moves when its own punch reports, a moment later).
 RELAY_DRAIN = 3.0
-#: Behind a sequential NAT every new flow takes the next port, so the samples the DHT gave us
-#: go stale with each punch attempt (its probes and extra sockets are new flows). A fresh
-#: socket then asks this many known nodes (STUN Binding: one new flow each) for our mapping,
-#: so the next introduction carries the NAT's current position.
-RESAMPLE_SERVERS = MIN_STEP_SAMPLES
-#: Seconds to wait for those answers; one retransmission halfway.
-RESAMPLE_TIMEOUT = 0.5
 #: Introductions a relayed connection whose relay died tries (each through an introducer not
 #: tried before) before it closes: a record names a handful of introducers.
 RESCUE_ATTEMPTS = 3
 #: Seconds a new relay may take to pair us with the peer (the peer binds when the
 #: introduction reaches it, about one round trip after us).
 RESCUE_PAIR_TIMEOUT = 5.0
-#: Seconds without a datagram from the peer after which a watched connection (``watch_peer``)
-#: sends a PING, then one per such interval while silent; a live peer answers in a round trip.
-PROBE_AFTER = 1.0
-#: Seconds without a datagram from the peer, PINGs notwithstanding, after which a watched
-#: connection is closed as dead: three or four PINGs lost in a row. Longer than a relayed
-#: connection's relay failover needs to notice its relay (the relay check runs first).
-PEER_DEAD_AFTER = 4.5
-#: Seconds between liveness checks.
-WATCH_TICK = 0.25
 #: Seconds between two looks at our LAN and IPv6 addresses while we listen (a few syscalls,
 #: no datagram): an IPv6 temporary address is replaced about daily, a DHCP lease in hours.
 ADDRESS_REFRESH = 60.0
-#: Incoming connections a listener holds at once from one client key, from one IP (a carrier
-#: NAT puts many users behind one), and in all. Each costs a QUIC connection's state and up to
-#: its receive windows in buffers; beyond these an introduction is refused as busy before
-#: anything is punched. A client needs one connection (streams multiplex); a few more cover
-#: restarts whose old connection has not timed out yet.
-MAX_INCOMING_PER_KEY = 16
-MAX_INCOMING_PER_IP = 64
-MAX_INCOMING = 1024
 
 
 class PunchError(OperationError):
     """Hole punching found no path; the message names the cause."""
 
     code = "punch_failed"
-
-
-@dataclass(slots=True, eq=False)
-class Connection:
-    """An authenticated, end-to-end encrypted QUIC connection to a peer, by its key."""
-
-    quic: PeerConnection
-    #: "direct", or "relayed" (until the punch succeeds and the connection moves).
-    path: str
-    strategy: str
-    #: Milliseconds from connect() to an authenticated connection (client side; 0 on server).
-    connect_ms: float
-    #: The socket slot that punched: 0 the node's socket, else an extra socket.
-    slot: int = 0
-    #: Set once the path is final: direct from the start, moved to direct, or relayed for
-    #: good (the punch failed).
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
-    #: The path the connection started on.
-    first_path: str = ""
-    #: The relayed path it runs over while relayed (it may change when a relay dies).
-    relay: RelayPath | None = None
-    #: When the connection last moved to another path (``time.monotonic()``; 0 never): the
-    #: peer's silence before a move is no sign of a dead peer (``watch_peer``).
-    moved_at: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.first_path = self.first_path or self.path
-        if self.path == "direct":
-            self.settled.set()
-
-    @property
-    def peer_key(self) -> bytes:
-        return self.quic.peer_key
-
-    @property
-    def rtt(self) -> float:
-        return self.quic.rtt
-
-    @property
-    def remote_address(self) -> Address:
-        return self.quic.addr
-
-    async def open_stream(self) -> tuple[asyncio.StreamReader, Any]:
-        return await self.quic.open_stream()
-
-    async def accept_stream(self) -> tuple[asyncio.StreamReader, Any]:
-        return await self.quic.accept_stream()
-
-    async def close(self, *, wait: bool = True) -> None:
-        """Close; ``wait=False`` returns at once (see :meth:`PeerConnection.close`)."""
-        await self.quic.close(wait=wait)
-
-    async def wait_closed(self) -> None:
-        await self.quic.wait_closed()
 
 
 @dataclass(slots=True)
@@ -201,23 +122,19 @@ class Connections(Service):
         self.bridge = QuicBridge(self.node.stats, on_event=on_event)
         self.pool = pool or SocketPool(bind_host="::" if endpoint.is_v6 else "0.0.0.0")
         self._servers: dict[bytes, Callable[[Connection], None]] = {}
-        #: Incoming connections by client key and by client IP (the limits above), until
-        #: they are gone; one that is closing no longer counts.
-        self._incoming_keys: dict[bytes, list[Connection]] = {}
-        self._incoming_ips: dict[str, list[Connection]] = {}
         self.stats: Counter[str] = self.node.stats
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Punch attempts since our last fresh port samples (see :data:`RESAMPLE_SERVERS`).
-        self._samples_stale = False
-        self._resampling: asyncio.Task[None] | None = None
+        #: Incoming connections held per client key, per IP and in all (``admission.py``).
+        self.incoming = IncomingLimits(self.stats, self._spawn)
+        self.resampler = Resampler(self.pool, self.node, services.listeners, self.stats)
         self._addresses_refresh: asyncio.Task[None] | None = None
         self.relays = RelayPaths(endpoint, self._on_relayed, self.stats)
         self.punch = PunchDriver(
             endpoint, self.bridge, self.pool, self.stats, spawn=self._spawn,
-            on_start=self._punch_started, on_result=self._punch_finished,
+            on_start=self.resampler.punch_started, on_result=self._punch_finished,
         )
         services.relay.member_sink = self.relays.receive
-        services.listeners.admit = self._admit
+        services.listeners.admit = self.incoming.admit
         self.node.register(self)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -298,7 +215,7 @@ class Connections(Service):
         if profile_of(self.my_info()).random:
             # After the announcement's flows: the first client then gets our NAT's position.
             with contextlib.suppress(Exception):
-                await self._start_resample()
+                await self.resampler.start()
         if self._addresses_refresh is None or self._addresses_refresh.done():
             self._addresses_refresh = asyncio.get_running_loop().create_task(
                 self._refresh_addresses_while_listening())
@@ -330,12 +247,12 @@ class Connections(Service):
         started = time.monotonic()
         self._refresh_lan_addresses()
         info = self.my_info()
-        if self._needs_resample(info):
+        if self.resampler.needed(info):
             # Behind a port-randomizing NAT whose samples are stale (our own attempts moved a
             # sequential NAT on) or show no sequence (the DHT keeps a few witnesses, not every
             # flow): tell the peer where the NAT is now (one round trip to known nodes).
             with contextlib.suppress(Exception):
-                await self._start_resample()
+                await self.resampler.start()
             info = self.my_info()
         intro: Introduced = await self.endpoint.run(
             lambda n: introduce(n, ident, public_key, info)
@@ -568,8 +485,7 @@ class Connections(Service):
         self.punch.close()
         self.bridge.close()
         self.relays.close()
-        if self._resampling is not None:
-            self._resampling.cancel()
+        self.resampler.close()
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()
@@ -628,7 +544,7 @@ class Connections(Service):
                 slot = next((n for n, p in att.kept.items() if p is quic.path), 0)
                 self.punch.close_with(quic, att, slot)
                 conn = Connection(quic, "direct", strategy, 0.0, slot)
-            self._count_incoming(conn, client[0])
+            self.incoming.count(conn, client[0])
             on_connection(conn)
 
         for ip in dict.fromkeys(a[0] for a in peer + targets.extra):
@@ -637,78 +553,12 @@ class Connections(Service):
                 on_connection=accepted,
             )
 
-    def _admit(self, client_key: bytes, client: Address) -> bool:
-        """Whether a listener takes one more connection from this key and address (called
-        inside the engine, before the hello is answered). A connection in its closing period
-        (about 90 ms after a close) no longer counts."""
-
-        def live(conns: list[Connection]) -> int:
-            return sum(not c.quic.closed for c in conns)
-
-        if (
-            live(self._incoming_keys.get(client_key, [])) >= MAX_INCOMING_PER_KEY
-            or live(self._incoming_ips.get(client[0], [])) >= MAX_INCOMING_PER_IP
-            or sum(live(v) for v in self._incoming_keys.values()) >= MAX_INCOMING
-        ):
-            self.stats["incoming_limit"] += 1
-            return False
-        return True
-
-    def _count_incoming(self, conn: Connection, ip: str) -> None:
-        key = conn.peer_key
-        self._incoming_keys.setdefault(key, []).append(conn)
-        self._incoming_ips.setdefault(ip, []).append(conn)
-
-        async def forget() -> None:
-            try:
-                await conn.quic.wait_closed()
-            finally:
-                _forget(self._incoming_keys, key, conn)
-                _forget(self._incoming_ips, ip, conn)
-
-        self._spawn(forget())
-
     # ------------------------------------------------------------------ port samples
-
-    def _punch_started(self) -> None:
-        self._samples_stale = True  # its probes and extra sockets are new flows
 
     def _punch_finished(self) -> None:
         if profile_of(self.my_info()).random:
             # The next introduction (ours or a client's) should carry fresh samples.
-            self._start_resample()
-
-    def _needs_resample(self, info: PeerInfo) -> bool:
-        prof = profile_of(info)
-        if not prof.random:
-            return False
-        running = self._resampling is not None and not self._resampling.done()
-        return running or self._samples_stale or not prof.predictable
-
-    def _start_resample(self) -> asyncio.Task[None]:
-        """Take fresh mapped-port samples from a new socket (see :data:`RESAMPLE_SERVERS`),
-        unless that is under way already; one run at a time."""
-        if self._resampling is None or self._resampling.done():
-            self._resampling = asyncio.get_running_loop().create_task(self._resample())
-        return self._resampling
-
-    async def _resample(self) -> None:
-        # Stale from here on only if another attempt starts while we sample.
-        self._samples_stale = False
-        ports = await self._stun_ports()
-        if len(ports) >= MIN_STEP_SAMPLES:
-            self.services.listeners.set_fresh_samples(tuple(ports))
-            self.stats["resample_ok"] += 1
-        else:
-            self.stats["resample_failed"] += 1
-
-    async def _stun_ports(self) -> list[int]:
-        """Our mapped ports as up to :data:`RESAMPLE_SERVERS` known nodes see a fresh socket."""
-        known = [c.addr for c in self.node.table] + list(self.node.queries.seeds)
-        # The samples' family: IPv4 whenever we know IPv4 nodes (the observer's primary).
-        v4 = [a for a in known if ":" not in a[0]]
-        servers = list(dict.fromkeys(v4 or known))[:RESAMPLE_SERVERS]
-        return await stun_ports(self.pool, servers, RESAMPLE_TIMEOUT)
+            self.resampler.start()
 
     # ------------------------------------------------------------------ addresses
 
@@ -716,67 +566,11 @@ class Connections(Service):
         return any(a[0] == ip for a in self.node.observer.public_addresses)
 
     def _refresh_lan_addresses(self) -> None:
-        """Our LAN address and port, learnt by asking the kernel which source address it
-        would use toward a known node (no datagram is sent); and our own IPv6 addresses
-        (``transport/localaddr.py``) for the dual-stack race."""
-        port = self.endpoint.local_address[1]
+        """Our LAN addresses and our own IPv6 addresses (for the dual-stack race), with the
+        node's port, as told to peers in introductions (``transport/localaddr.py``)."""
+        local = self.endpoint.local_address
         peers = list(self.node.queries.seeds) + [c.addr for c in self.node.table][:4]
-        out: list[Address] = []
-        for peer in peers[:4]:
-            fam = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
-            with contextlib.suppress(OSError), socket.socket(fam, socket.SOCK_DGRAM) as s:
-                s.connect(peer)
-                ip = s.getsockname()[0]
-                if (ip, port) not in out:
-                    out.append((ip, port))
-        self.services.listeners.lan_addresses = tuple(out[:4])
-        if self.endpoint.is_v6 and not all(is_loopback(p[0]) for p in peers):
-            # Bound to one IPv6 address: that one; bound to "::": what the host has. Not
-            # for a DHT on loopback (tests): its peers are on this host, and the host's
-            # interface addresses would only send the race out of the loopback network.
-            bound = self.endpoint.local_address[0]
-            v6 = next((p[0] for p in peers if ":" in p[0]), None)
-            ips = [bound] if bound != "::" else own_v6_addresses(v6)
-            self.services.listeners.own_v6 = tuple((ip, port) for ip in ips if usable_v6(ip))
-
-
-async def watch_peer(
-    conn: Connection,
-    on_event: Callable[[str, dict[str, Any]], None] | None = None,
-    *,
-    probe_after: float = PROBE_AFTER,
-    dead_after: float = PEER_DEAD_AFTER,
-) -> None:
-    """Notice a peer that died without a word (SIGKILL, power loss) in seconds rather than at
-    QUIC's 30 s idle timeout: after ``probe_after`` without a datagram from the peer, send a
-    PING every ``probe_after``; after ``dead_after`` of silence close ``conn``
-    (``CLOSE_PEER_SILENT``). A relayed connection whose relay went silent is left to the relay
-    failover, which closes it itself if no other relay takes over. Returns when ``conn``
-    ends. Used where a dead peer must be replaced quickly (port forwarding, swarms); costs a
-    PING per ``probe_after`` on an idle connection."""
-    quic = conn.quic
-    probed = 0.0
-    while not quic.closed:
-        await asyncio.sleep(WATCH_TICK)
-        now = time.monotonic()
-        silent = now - max(quic.last_rx, conn.moved_at)
-        if conn.relay is not None and not conn.relay.alive and conn.path == "relayed":
-            continue  # the relay is the one silent: its failover moves or closes the conn
-        if silent >= dead_after:
-            if on_event:
-                on_event("peer_silent", {"public_key": conn.peer_key.hex(),
-                                         "seconds": round(silent, 1)})
-            await quic.close(CLOSE_PEER_SILENT, f"nothing from the peer for {silent:.1f} s",
-                             wait=False)
-            return
-        if silent >= probe_after and now - probed >= probe_after:
-            probed = now
-            quic.probe()
-
-
-def _forget(table: dict[Any, list[Connection]], key: Any, conn: Connection) -> None:
-    conns = table.get(key, [])
-    if conn in conns:
-        conns.remove(conn)
-    if not conns:
-        table.pop(key, None)
+        listeners = self.services.listeners
+        listeners.lan_addresses = lan_addresses(local[1], peers)
+        if self.endpoint.is_v6:
+            listeners.own_v6 = own_v6_for(local, peers)

@@ -15,7 +15,7 @@ QUIC stream reaches the peer only with its first byte, so without it a service t
 first (SMTP, MySQL, VNC, FTP...) would wait for a client that waits for it, and the exposer
 would not even connect to it.
 
-Liveness: a forwarding or exposing connection is watched (``connections.watch_peer``), so a
+Liveness: a forwarding or exposing connection is watched (``connection.watch_peer``), so a
 peer that died without a word (SIGKILL, power loss) is noticed in seconds rather than at
 QUIC's 30 s idle timeout, and the forwarder's next TCP connection connects afresh. A TCP
 connection that arrives while the peer is silent but not yet given up on waits for one PING
@@ -37,13 +37,8 @@ from typing import Any
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.errors import DhtnodeError
-from dhtnode.transport.connections import (
-    PROBE_AFTER,
-    Connection,
-    Connections,
-    Server,
-    watch_peer,
-)
+from dhtnode.transport.connection import PROBE_AFTER, Connection, watch_peer
+from dhtnode.transport.connections import Connections, Server
 from dhtnode.transport.quic import CLOSE_PEER_SILENT
 
 #: Bytes moved per read: large enough for throughput, small enough to keep memory per

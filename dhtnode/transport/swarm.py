@@ -8,7 +8,7 @@ smaller public key dials, the other waits to be dialled (both compute the same).
 leave drop out when their connection closes; new ones are found at the next lookup.
 
 A peer that dies without a word (SIGKILL, power loss) is noticed in seconds: every swarm
-connection is watched (``connections.watch_peer``: PINGs while silent, closed after
+connection is watched (``connection.watch_peer``: PINGs while silent, closed after
 :data:`DEAD_AFTER`), such a lost peer makes the next lookup come at once (one that closed its
 connection on purpose is leaving and is not looked for), and a peer that cannot be
 dialled yet (it is still restarting) is tried again after :data:`RETRY_MIN`, doubling up to
@@ -28,7 +28,8 @@ from typing import Any
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.errors import DhtnodeError
-from dhtnode.transport.connections import Connection, Connections, Server, watch_peer
+from dhtnode.transport.connection import Connection, watch_peer
+from dhtnode.transport.connections import Connections, Server
 from dhtnode.transport.quic import CLOSE_PEER_SILENT
 
 #: Seconds between lookups of the topic right after joining; doubles up to the maximum, and
