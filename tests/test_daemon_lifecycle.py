@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dhtnode.cli import common
 from dhtnode.daemon import control
 from tests.daemon import running_daemon
+from tests.procs import sigterm_timed
 
 pytestmark = pytest.mark.slow
 
@@ -136,10 +137,7 @@ def test_metrics_reload_and_sigterm(tmp_path: Path) -> None:
             st = asyncio.run(control.request(sock, "status"))
             assert st["routing_table_size"] >= 1
 
-            t0 = time.monotonic()
-            p.send_signal(signal.SIGTERM)
-            code = p.wait(timeout=15)
-            elapsed = time.monotonic() - t0
+            code, elapsed = sigterm_timed(p)
         finally:
             if p.poll() is None:
                 p.kill()
@@ -215,15 +213,7 @@ def test_sigterm_with_every_peer_gone(tmp_path: Path) -> None:
             p.kill()
             p.wait()
             raise
-    try:
-        t0 = time.monotonic()
-        p.send_signal(signal.SIGTERM)
-        code = p.wait(timeout=15)
-        elapsed = time.monotonic() - t0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    code, elapsed = sigterm_timed(p)
     print(f"SIGTERM to exit, nobody left to acknowledge the withdrawal: {elapsed:.2f} s")
     assert code == 0
     assert elapsed < 5.0

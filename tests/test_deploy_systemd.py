@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from dhtnode.daemon import sdnotify
+from tests.procs import sigterm_timed
 
 pytestmark = pytest.mark.slow
 
@@ -138,11 +138,10 @@ def test_daemon_from_exec_start(tmp_path: Path) -> None:
                                capture_output=True, text=True, timeout=30, env=env)
             assert r.returncode == 0, r.stderr
             assert json.loads(r.stdout)["ok"] is True
-            t0 = time.monotonic()
-            p.send_signal(signal.SIGTERM)
-            assert _wait_for(ns, "STOPPING=1", 5, seen), seen
-            code = p.wait(timeout=10)
-            elapsed = time.monotonic() - t0
+            stopping: list[bool] = []
+            code, elapsed = sigterm_timed(
+                p, timeout=10, during=lambda: stopping.append(_wait_for(ns, "STOPPING=1", 5, seen)))
+            assert stopping == [True], seen
         finally:
             if p.poll() is None:
                 p.kill()

@@ -12,7 +12,6 @@ import collections
 import hashlib
 import importlib.util
 import os
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from dhtnode.transport.quic import (
     QuicStreamError,
 )
 from dhtnode.wire.address import Address, normalize
+from tests.loopnet import has_ipv6_loopback
 
 LOOPS = ["asyncio", "uvloop"] if importlib.util.find_spec("uvloop") else ["asyncio"]
 
@@ -58,15 +58,6 @@ def run(body: Callable[[], Awaitable[None]], loop_kind: str = "asyncio") -> None
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(asyncio.wait_for(body(), 60))
-
-
-def ipv6_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 class UdpPath(asyncio.DatagramProtocol):
@@ -276,7 +267,7 @@ def test_mutual_auth_echo(loop_kind: str) -> None:
     run(body, loop_kind)
 
 
-@pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 def test_mutual_auth_echo_ipv6() -> None:
     async def body() -> None:
         server, client, conn, server_conn = await make_pair("::1")
