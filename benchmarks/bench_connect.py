@@ -75,15 +75,10 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from benchkit import CHUNK, pct, send_bulk, sink, stop
+from benchkit import CHUNK, Peer, pct, send_bulk, sink, start_dht, stop
 
-from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity
-from dhtnode.dht.node import DhtNode, DhtParams
 from dhtnode.transport.connection import Connection
-from dhtnode.transport.connections import Connections
-from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
-from dhtnode.wire.address import normalize
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -91,7 +86,6 @@ PY = sys.executable
 #: HyperDHT 6.34.0, consistent NATs: client process start to first echoed byte (targets.md).
 HYPERDHT_FIRST_BYTE_MS = 60.0
 DHT_NODES = 6
-PARAMS = DhtParams(request_timeout=0.5, slow_after=0.15)
 DATAGRAM = 1200
 LAB_PORT = 49200
 LAB_PUBLIC_NODES = 5
@@ -159,36 +153,6 @@ def first_json_line(path: Path, p: subprocess.Popen[bytes], timeout: float) -> d
 
 
 # --------------------------------------------------------------------------- part 1 and 3
-
-
-@dataclass
-class Peer:
-    ep: NodeEndpoint
-    conns: Connections
-
-
-async def start_peer(bootstrap: tuple[str, int] | None = None) -> Peer:
-    sock = open_udp_socket("127.0.0.1", 0)
-    local = normalize(sock.getsockname())
-    node = DhtNode(
-        Identity.generate(), PARAMS, now=time.monotonic(), wall=time.time,
-        public_address=None if bootstrap else local, seeds=[bootstrap] if bootstrap else [],
-    )
-    services = plug_in(node)
-    ep = await NodeEndpoint.create_on(sock, node)
-    return Peer(ep, Connections(ep, services))
-
-
-async def start_dht(n: int) -> list[Peer]:
-    first = await start_peer()
-    peers = [first]
-    for _ in range(n - 1):
-        peers.append(await start_peer(first.ep.local_address))
-    await asyncio.gather(*(p.ep.run(lambda node: node.bootstrap()) for p in peers[1:]))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and sum(p.ep.node.server for p in peers) < n:
-        await asyncio.sleep(0.05)
-    return peers
 
 
 async def echo_streams(conn: Connection) -> None:

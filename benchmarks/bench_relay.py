@@ -66,16 +66,15 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from benchkit import CHUNK, pct, send_bulk, sink, stop
+from benchkit import CHUNK, PARAMS, Peer, pct, send_bulk, sink, start_dht, stop
 
 import dhtnode.transport.connections as connections_module
 from dhtnode.connect.services import plug_in
 from dhtnode.crypto.identity import Identity
-from dhtnode.dht.node import DhtNode, DhtParams
+from dhtnode.dht.node import DhtNode
 from dhtnode.nat.punch import PUNCH_DEADLINE
 from dhtnode.nat.relay import RelayLimits, RelayTable
 from dhtnode.transport.connection import Connection
-from dhtnode.transport.connections import Connections
 from dhtnode.transport.relaypath import RelayPath
 from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
 from dhtnode.wire import relay as wire
@@ -85,7 +84,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 DHT_NODES = 6
-PARAMS = DhtParams(request_timeout=0.5, slow_after=0.15)
 #: Relay limits that do not throttle a loopback transfer or a flood.
 UNTHROTTLED = RelayLimits(session_rate=1e9, total_rate=1e9)
 #: A full QUIC datagram (aioquic's 1200 bytes) in relay DATA: 1,209 bytes on the wire.
@@ -411,36 +409,6 @@ def part_1(c: Counts, verbose: bool, keep: bool) -> None:
 # --------------------------------------------------------------------------- part 2
 
 
-@dataclass
-class Peer:
-    ep: NodeEndpoint
-    conns: Connections
-
-
-async def start_peer(bootstrap: Address | None = None) -> Peer:
-    sock = open_udp_socket("127.0.0.1", 0)
-    local = normalize(sock.getsockname())
-    node = DhtNode(
-        Identity.generate(), PARAMS, now=time.monotonic(), wall=time.time,
-        public_address=None if bootstrap else local, seeds=[bootstrap] if bootstrap else [],
-    )
-    services = plug_in(node, relay_limits=UNTHROTTLED)
-    ep = await NodeEndpoint.create_on(sock, node)
-    return Peer(ep, Connections(ep, services))
-
-
-async def start_dht(n: int) -> list[Peer]:
-    first = await start_peer()
-    peers = [first]
-    for _ in range(n - 1):
-        peers.append(await start_peer(first.ep.local_address))
-    await asyncio.gather(*(p.ep.run(lambda node: node.bootstrap()) for p in peers[1:]))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and sum(p.ep.node.server for p in peers) < n:
-        await asyncio.sleep(0.05)
-    return peers
-
-
 def hold_punches(peer: Peer) -> None:
     """Drop every punch datagram ``peer`` receives: its attempts can never succeed."""
     peer.conns.punch.datagram = lambda slot, data, source: None  # type: ignore[method-assign]
@@ -458,7 +426,7 @@ async def part_2(c: Counts) -> None:
     print(f"\n# part 2: one stream on 127.0.0.1, {total / 1e6:.1f} MB one way, {c.rounds} "
           f"alternating rounds, one process and loop ({DHT_NODES}-node DHT, relay limits "
           "raised)", flush=True)
-    peers = await start_dht(DHT_NODES)
+    peers = await start_dht(DHT_NODES, relay_limits=UNTHROTTLED)
     tasks: set[asyncio.Task[None]] = set()
 
     async def sinks(conn: Connection) -> None:

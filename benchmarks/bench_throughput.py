@@ -27,8 +27,8 @@ import statistics
 import time
 
 import uvloop
-from bench_connect import Tasks, sink_streams, start_dht
-from benchkit import CHUNK, send_bulk
+from bench_connect import Tasks, sink_streams
+from benchkit import CHUNK, send_bulk, start_dht
 
 from dhtnode.crypto.identity import Identity
 

@@ -10,7 +10,16 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any
+
+from dhtnode.connect.services import plug_in
+from dhtnode.crypto.identity import Identity
+from dhtnode.dht.node import DhtNode, DhtParams
+from dhtnode.nat.relay import RelayLimits
+from dhtnode.transport.connections import Connections
+from dhtnode.transport.udp import NodeEndpoint, open_udp_socket
+from dhtnode.wire.address import Address, normalize
 
 #: Bytes per write and read in the bulk transfers.
 CHUNK = 65536
@@ -59,3 +68,41 @@ async def send_bulk(reader: asyncio.StreamReader, writer: Any, total: int) -> fl
     if got != total:
         raise RuntimeError(f"receiver counted {got} of {total} bytes")
     return total / elapsed / 1e6
+
+
+#: Engine parameters of the in-process loopback DHTs: short timeouts, nothing is lost here.
+PARAMS = DhtParams(request_timeout=0.5, slow_after=0.15)
+
+
+@dataclass
+class Peer:
+    ep: NodeEndpoint
+    conns: Connections
+
+
+async def start_peer(
+    bootstrap: Address | None = None, *, relay_limits: RelayLimits | None = None
+) -> Peer:
+    """One connect-capable node on 127.0.0.1 (a bootstrap node without ``bootstrap``)."""
+    sock = open_udp_socket("127.0.0.1", 0)
+    local = normalize(sock.getsockname())
+    node = DhtNode(
+        Identity.generate(), PARAMS, now=time.monotonic(), wall=time.time,
+        public_address=None if bootstrap else local, seeds=[bootstrap] if bootstrap else [],
+    )
+    services = plug_in(node, relay_limits=relay_limits)
+    ep = await NodeEndpoint.create_on(sock, node)
+    return Peer(ep, Connections(ep, services))
+
+
+async def start_dht(n: int, *, relay_limits: RelayLimits | None = None) -> list[Peer]:
+    """``n`` nodes on 127.0.0.1, joined through the first; waits (up to 20 s) until all serve."""
+    first = await start_peer(relay_limits=relay_limits)
+    peers = [first]
+    for _ in range(n - 1):
+        peers.append(await start_peer(first.ep.local_address, relay_limits=relay_limits))
+    await asyncio.gather(*(p.ep.run(lambda node: node.bootstrap()) for p in peers[1:]))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(p.ep.node.server for p in peers) < n:
+        await asyncio.sleep(0.05)
+    return peers
