@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from benchkit import CHUNK, Peer, pct, send_bulk, sink, start_dht, stop
+from benchkit import CHUNK, Peer, pct, run_parts, send_bulk, sink, start_dht, stop
 
 from dhtnode.crypto.identity import Identity
 from dhtnode.transport.connection import Connection
@@ -747,13 +747,7 @@ def main() -> None:
         "3": lambda: uvloop.run(with_dht(lambda peers, tasks: part_3(c, peers, tasks))),
         "4": lambda: part_4(c, args.verbose, args.keep_logs),
     }
-    for name, run in parts.items():
-        if name in args.parts:
-            try:
-                run()
-            except Exception as exc:  # a product failure is a figure line, not a crash
-                line(f"part {name}", f"FAILED: {type(exc).__name__}: {str(exc)[:300]}")
-    print(f"# total {time.monotonic() - t0:.0f} s", flush=True)
+    run_parts(parts, args.parts, line, t0)
 
 
 if __name__ == "__main__":

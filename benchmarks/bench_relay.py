@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from benchkit import CHUNK, PARAMS, Peer, pct, send_bulk, sink, start_dht, stop
+from benchkit import CHUNK, PARAMS, Peer, pct, run_parts, send_bulk, sink, start_dht, stop
 
 import dhtnode.transport.connections as connections_module
 from dhtnode.connect.services import plug_in
@@ -764,13 +764,7 @@ def main() -> None:
         "2": lambda: uvloop.run(part_2(c)),
         "3": lambda: part_3(c),
     }
-    for name, run in parts.items():
-        if name in args.parts:
-            try:
-                run()
-            except Exception as exc:  # a product failure is a figure line, not a crash
-                line(f"part {name}", f"FAILED: {type(exc).__name__}: {str(exc)[:300]}")
-    print(f"# total {time.monotonic() - t0:.0f} s", flush=True)
+    run_parts(parts, args.parts, line, t0)
 
 
 if __name__ == "__main__":

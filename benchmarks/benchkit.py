@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,3 +107,16 @@ async def start_dht(n: int, *, relay_limits: RelayLimits | None = None) -> list[
     while time.monotonic() < deadline and sum(p.ep.node.server for p in peers) < n:
         await asyncio.sleep(0.05)
     return peers
+
+
+def run_parts(parts: dict[str, Callable[[], object]], selected: str,
+              line: Callable[[str, str], None], t0: float) -> None:
+    """Run the ``parts`` whose names are in ``selected``; a part that raises becomes a
+    "FAILED" figure line (a product failure is a figure, not a crash); then the total time."""
+    for name, run in parts.items():
+        if name in selected:
+            try:
+                run()
+            except Exception as exc:
+                line(f"part {name}", f"FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+    print(f"# total {time.monotonic() - t0:.0f} s", flush=True)
